@@ -1,0 +1,61 @@
+"""``lkd``: the LightningCLI entry point.
+
+``lkd fit|validate|test|predict --config experiments/cifar10/<run>.yaml`` runs any LightningModule and
+DataModule of this package (or yours) chosen in the config; ``fit`` ends with a test of the best-validation
+checkpoint (``--test_after_fit false`` skips it). ``lkd cache --config <run>.yaml`` only fills the
+teacher-output cache of a :class:`~lightning_kd.data.CachedTeacherDataModule` (a separate job for an expensive
+teacher), spending the budget exactly as ``fit`` would.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+
+class LKDCLI(LightningCLI):
+    """LightningCLI with W&B offline logging by default (``wandb sync`` later), runs under ``runs/``, the best
+    ``val/acc`` checkpoint kept, and a test after ``fit``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True})
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="test the best checkpoint after fit")
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.WandbLogger",
+                    "init_args": {"project": "lightning_kd", "save_dir": "runs", "offline": True},
+                },
+            }
+        )
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit", True) and self.trainer.state.status == "finished":
+            has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+
+
+def main(args: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["cache"]:
+        from lightning_kd.data import CachedTeacherDataModule
+
+        cli = LKDCLI(run=False, args=args[1:])
+        if not isinstance(cli.datamodule, CachedTeacherDataModule):
+            raise SystemExit(f"lkd cache needs a CachedTeacherDataModule in `data`, got {type(cli.datamodule).__name__}")
+        cli.datamodule.setup("fit")
+        return
+    LKDCLI(args=args, save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()
