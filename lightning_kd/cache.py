@@ -309,30 +309,31 @@ class TeacherCache:
         self._row_of[idx] = np.arange(len(idx))
 
     def compact(self, writer: str = "compact") -> None:
-        """Merge all segments into one (sorted by index) so reads gather from a single memory map.
+        """Merge all segments into one (sorted by index) so reads gather from a single memory map, and remove
+        data files that no commit record references (superseded, or written by a crashed write).
 
         The merged segment is committed first, naming the segments it supersedes; only then are their records
-        and files removed. A crash in between leaves both, and the next open removes the superseded ones.
+        and files removed. A crash in between leaves both, and the next open drops the superseded records.
+        Run it from one process at a time (it deletes files other writers might be about to commit).
         """
-        if len(self._segments) <= 1:
-            return
-        idx = self.indices
-        segs, rows = self._seg_of[idx], self._row_of[idx]
-        merged = {}
-        for key in self._segments[0]:
-            parts = [np.asarray(self._segments[s][key][rows[segs == s]]) for s in range(len(self._segments))]
-            order_within = np.concatenate([np.flatnonzero(segs == s) for s in range(len(self._segments))])
-            out = np.empty((len(idx),) + parts[0].shape[1:], dtype=parts[0].dtype)
-            out[order_within] = np.concatenate(parts)
-            merged[key] = out
-        old = list(self._names)
-        self._commit(merged, writer, supersedes=old)
-        for name in old:
-            (self.segments_dir / f"{name}.json").unlink(missing_ok=True)
-        _fsync_dir(self.segments_dir)
-        self.refresh()
+        if len(self._segments) > 1:
+            idx = self.indices
+            segs, rows = self._seg_of[idx], self._row_of[idx]
+            merged = {}
+            for key in self._segments[0]:
+                out = np.empty((len(idx),) + self._segments[0][key].shape[1:], dtype=self._segments[0][key].dtype)
+                for sid, seg in enumerate(self._segments):
+                    sel = np.flatnonzero(segs == sid)
+                    out[sel] = seg[key][rows[sel]]
+                merged[key] = out
+            old = list(self._names)
+            self._commit(merged, writer, supersedes=old)
+            for name in old:
+                (self.segments_dir / f"{name}.json").unlink(missing_ok=True)
+            _fsync_dir(self.segments_dir)
+            self.refresh()
         live = {f for rec in self._records().values() for f in rec["files"]}
-        for path in self.segments_dir.glob("*.npy"):  # superseded data, and data of writes that never committed
+        for path in self.segments_dir.glob("*.npy"):
             if path.name not in live:
                 path.unlink()
 

@@ -144,26 +144,28 @@ class CIFAR10DataModule(IndexedDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.save_hyperparameters()
+        self.data_dir, self.cache_dir, self.download = data_dir, cache_dir, download
+        self.val_size, self.seed = val_size, seed
         self._arrays: dict[str, np.ndarray] | None = None
 
     def prepare_data(self) -> None:
-        load_cifar10(self.hparams.data_dir, self.hparams.cache_dir, self.hparams.download)
+        load_cifar10(self.data_dir, self.cache_dir, self.download)
 
     def setup(self, stage: str | None = None) -> None:
         if self._arrays is not None:
             return
-        a = load_cifar10(self.hparams.data_dir, self.hparams.cache_dir, self.hparams.download)
+        a = load_cifar10(self.data_dir, self.cache_dir, self.download)
         self._arrays = a
         self._train_x = torch.from_numpy(a["train_x"]).permute(0, 3, 1, 2).contiguous()
         self._train_y = torch.from_numpy(a["train_y"])
         self._test_x = torch.from_numpy(a["test_x"]).permute(0, 3, 1, 2).contiguous()
         self._test_y = torch.from_numpy(a["test_y"])
         n = len(self._train_y)
-        if not 0 <= self.hparams.val_size < n:
-            raise ValueError(f"val_size must be in [0, {n}), got {self.hparams.val_size}")
-        order = np.random.default_rng(self.hparams.seed).permutation(n)
-        self.val_indices = np.sort(order[: self.hparams.val_size])
-        self.train_indices = np.sort(order[self.hparams.val_size :])
+        if not 0 <= self.val_size < n:
+            raise ValueError(f"val_size must be in [0, {n}), got {self.val_size}")
+        order = np.random.default_rng(self.seed).permutation(n)
+        self.val_indices = np.sort(order[: self.val_size])
+        self.train_indices = np.sort(order[self.val_size :])
 
     def fingerprint(self) -> str:
         self.setup()

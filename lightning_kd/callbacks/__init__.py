@@ -1,0 +1,5 @@
+"""Callbacks: one responsibility each."""
+
+from lightning_kd.callbacks.budget import TeacherBudgetMonitor
+
+__all__ = ["TeacherBudgetMonitor"]
