@@ -1,0 +1,222 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_kd.budget import TeacherBudget, TeacherBudgetExceeded
+from lightning_kd.cache import TeacherCache
+from lightning_kd.data import fill_cache, select_samples
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from teachers_for_tests import CountingTeacher, make_datamodule, teacher_function  # noqa: E402
+
+HELPER = Path(__file__).parents[1] / "teachers_for_tests.py"
+BUDGET = 300
+
+
+def expected_outputs(dm, indices):
+    """What the teacher returns on the fixed augmented view of ``indices`` (recomputed, no budget)."""
+    ds = dm.datamodule.make_dataset(indices, "fixed", normalize=False, seed=dm.h.seed)
+    return teacher_function(ds.__getitems__(list(range(len(indices))))["input"])
+
+
+def test_fill_costs_exactly_the_budget_and_a_second_run_nothing(tmp_path):
+    teacher = CountingTeacher()
+    dm = make_datamodule(teacher, tmp_path, BUDGET, fill_batch_size=64)
+    dm.setup("fit")
+    assert teacher.calls == BUDGET and dm.new_teacher_calls == BUDGET and dm.budget_state.used == BUDGET
+    assert len(dm.train_indices) == BUDGET
+    assert torch.equal(dm.cache.get(dm.train_indices), expected_outputs(dm, dm.train_indices))
+
+    again_teacher = CountingTeacher()
+    again = make_datamodule(again_teacher, tmp_path, BUDGET, fill_batch_size=64)
+    again.setup("fit")
+    assert again_teacher.calls == 0 and again.new_teacher_calls == 0
+    assert np.array_equal(again.train_indices, dm.train_indices)
+
+    batch = next(iter(again.train_dataloader()))
+    assert set(batch) == {"index", "input", "target", "teacher_logits"}
+    assert torch.equal(batch["teacher_logits"], again.cache.get(batch["index"]))
+    assert torch.equal(batch["target"], torch.from_numpy(again.targets(batch["index"].numpy())))
+    for loader in (again.val_dataloader(), again.test_dataloader()):
+        assert "teacher_logits" not in next(iter(loader))
+    assert again_teacher.calls == 0
+
+
+def test_training_inputs_are_freshly_augmented_while_teacher_outputs_stay_fixed(tmp_path):
+    dm = make_datamodule(CountingTeacher(), tmp_path, 64, fill_batch_size=64)
+    dm.setup("fit")
+    ds = dm.train_dataset()
+    a, b = ds.__getitems__(list(range(64))), ds.__getitems__(list(range(64)))
+    assert not torch.equal(a["input"], b["input"])
+    assert torch.equal(a["teacher_logits"], b["teacher_logits"])
+
+
+def test_one_sample_over_the_budget_raises_before_any_call(tmp_path):
+    dm = make_datamodule(CountingTeacher(), tmp_path / "dm", BUDGET)
+    dm._plan()
+    teacher = CountingTeacher()
+    cache = dm._open_cache(teacher)
+    dataset = dm.datamodule.make_dataset(dm.datamodule.train_indices[: BUDGET + 1], "eval", normalize=False)
+    with pytest.raises(TeacherBudgetExceeded, match=f"{BUDGET + 1} samples need teacher outputs"):
+        fill_cache(teacher, dataset, cache, TeacherBudget(BUDGET, cache.directory), progress=False)
+    assert teacher.calls == 0 and len(cache) == 0
+
+
+def test_per_call_guard_refuses_the_call_that_would_exceed(tmp_path):
+    """Even if a caller skips the up-front check, reserve() stops the exceeding call before it happens."""
+    budget = TeacherBudget(100, tmp_path)
+    teacher = CountingTeacher()
+    tokens = 0
+    with pytest.raises(TeacherBudgetExceeded):
+        for _ in range(3):
+            budget.reserve(40)
+            teacher(torch.zeros(40, 3, 32, 32))
+            tokens += 1
+    assert teacher.calls == 80 and tokens == 2
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 5])  # first call, a chunk boundary inside, the last (partial) chunk
+def test_teacher_crash_then_resume_keeps_committed_outputs_and_the_budget(tmp_path, fail_at):
+    failing = CountingTeacher(fail_at=fail_at)
+    dm = make_datamodule(failing, tmp_path, BUDGET, fill_batch_size=64)
+    with pytest.raises(RuntimeError, match=f"call {fail_at}"):
+        dm.setup("fit")
+    before = TeacherCache(tmp_path)
+    assert len(before) == 64 * (fail_at - 1)
+    committed = before.indices
+    snapshot = before.get(committed).clone()
+
+    resumed_teacher = CountingTeacher()
+    resumed = make_datamodule(resumed_teacher, tmp_path, BUDGET, fill_batch_size=64)
+    resumed.setup("fit")
+    assert failing.calls + resumed_teacher.calls == BUDGET  # the failed call produced nothing and was released
+    assert resumed_teacher.calls == BUDGET - len(committed)
+    assert torch.equal(resumed.cache.get(committed), snapshot)  # bit-identical
+    assert len(resumed.cache) == BUDGET and np.array_equal(resumed.train_indices, resumed.selected)
+    assert resumed.budget_state.used == BUDGET and resumed.budget_state.lost == 0
+
+
+def test_outputs_lost_after_a_paid_call_are_counted_and_reported(tmp_path, monkeypatch):
+    real_write = TeacherCache.write
+    writes = {"n": 0}
+
+    def dies_on_second_write(self, *args, **kwargs):
+        writes["n"] += 1
+        if writes["n"] == 2:
+            raise KeyboardInterrupt("process killed after the teacher returned, before the commit")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(TeacherCache, "write", dies_on_second_write)
+    first = CountingTeacher()
+    with pytest.raises(KeyboardInterrupt):
+        make_datamodule(first, tmp_path, BUDGET, fill_batch_size=64).setup("fit")
+    monkeypatch.setattr(TeacherCache, "write", real_write)
+    assert first.calls == 128  # the second batch was paid for
+
+    with pytest.raises(TeacherBudgetExceeded, match="64 lost"):
+        make_datamodule(CountingTeacher(), tmp_path, BUDGET, fill_batch_size=64, strict=True).setup("fit")
+
+    second = CountingTeacher()
+    dm = make_datamodule(second, tmp_path, BUDGET, fill_batch_size=64)
+    with pytest.warns(UserWarning, match=r"236 of the 300 selected samples have no teacher outputs but only 172 of the budget 300 remain \(128 used, 64 lost"):
+        dm.setup("fit")
+    assert first.calls + second.calls <= BUDGET
+    assert second.calls == BUDGET - 128
+    assert dm.budget_state.lost == 64 and dm.budget_state.used == BUDGET
+    assert len(dm.train_indices) == BUDGET - 64
+
+
+def test_kill_9_mid_fill_then_resume(tmp_path):
+    log = tmp_path / "calls.log"
+    cache_dir = tmp_path / "cache"
+    child = subprocess.Popen(
+        [sys.executable, str(HELPER), "fill", str(cache_dir), str(log), str(BUDGET), "20", "0.25"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((cache_dir / "segments").glob("*.json"))) < 3:
+        assert child.poll() is None, child.stderr.read().decode()
+        time.sleep(0.05)
+    time.sleep(0.1)  # land somewhere inside the next call or commit
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+    after_kill = TeacherCache(cache_dir)
+    committed = after_kill.indices
+    snapshot = after_kill.get(committed).clone()
+    assert 0 < len(committed) < BUDGET
+    child_calls = sum(int(n) for n in log.read_text().split())
+
+    teacher = CountingTeacher()
+    dm = make_datamodule(teacher, cache_dir, BUDGET, fill_batch_size=20)
+    lost = TeacherBudget(BUDGET, cache_dir).lost
+    if lost:
+        with pytest.warns(UserWarning, match=f"{lost} lost"):
+            dm.setup("fit")
+    else:
+        dm.setup("fit")
+    assert child_calls + teacher.calls <= BUDGET
+    assert torch.equal(dm.cache.get(committed), snapshot)
+    assert torch.equal(dm.cache.get(dm.train_indices), expected_outputs(dm, dm.train_indices))
+    assert len(dm.train_indices) == BUDGET - lost
+    assert lost <= 20  # at most the call in flight
+
+
+def test_selection_is_seeded_nested_and_class_balanced():
+    pool = np.arange(5000)
+    targets = np.repeat(np.arange(10), 500)
+    a, b = select_samples(pool, targets, 1000, "random", 0), select_samples(pool, targets, 1000, "random", 0)
+    assert np.array_equal(a, b) and len(np.unique(a)) == 1000
+    assert not np.array_equal(a, select_samples(pool, targets, 1000, "random", 1))
+    assert np.isin(select_samples(pool, targets, 500, "random", 0), a).all()  # nested
+    bal = select_samples(pool, targets, 1000, "class_balanced", 0)
+    assert np.array_equal(np.bincount(targets[bal]), np.full(10, 100))
+    assert np.isin(select_samples(pool, targets, 200, "class_balanced", 0), bal).all()
+    with pytest.raises(ValueError, match="exceeds the 5000"):
+        select_samples(pool, targets, 5001)
+
+
+def test_validation_split_follows_the_80_20_protocol(tmp_path):
+    dm = make_datamodule(CountingTeacher(), tmp_path, 400)
+    dm._plan()
+    assert len(dm.val_indices) == 100  # 400 * 0.2 / 0.8
+    assert not np.isin(dm.val_indices, dm.selected).any()
+    assert np.isin(dm.val_indices, dm.datamodule.train_indices).all()
+
+
+def test_ckd_tuples_batches_are_groups_of_cached_samples(tmp_path):
+    dm = make_datamodule(CountingTeacher(), tmp_path, 128, group_size=3, max_tuples=1000)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input"].shape == (32, 3, 3, 32, 32) and batch["teacher_logits"].shape == (32, 3, 10)
+    assert batch["index"].shape == (32, 3)
+    assert (batch["index"][:, 0] != batch["index"][:, 1]).all()
+    assert torch.equal(batch["teacher_logits"].flatten(0, 1), dm.cache.get(batch["index"].flatten()))
+    assert dm.sides == (2, 1)
+    assert len(dm.train_dataloader()) == 4  # an epoch: ceil(128 / 32) batches of tuples
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_fill_disjoint_shards_and_see_the_same_cache(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run(
+        [sys.executable, str(HELPER), "ddp", str(out), str(tmp_path / "cache"), str(BUDGET)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["calls"] + r1["calls"] == BUDGET and r0["calls"] > 0 and r1["calls"] > 0
+    assert r0["cached"] == r1["cached"] == BUDGET
+    assert r0["indices_sha"] == r1["indices_sha"] and r0["values_sha"] == r1["values_sha"]
+    assert r0["budget_used"] == r1["budget_used"] == BUDGET
+    assert r0["new_calls"] == r1["new_calls"] == BUDGET

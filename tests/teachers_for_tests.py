@@ -1,0 +1,97 @@
+"""A deterministic, counting stand-in for an expensive teacher, and entry points for subprocess tests.
+
+Run as a script: ``python tests/teachers_for_tests.py fill CACHE_DIR LOG BUDGET BATCH SLEEP`` fills a cache
+(used by the kill -9 test); ``python tests/teachers_for_tests.py ddp OUT_DIR CACHE_DIR BUDGET`` trains KD for a
+few steps under DDP on 2 CPU processes and writes what each rank saw (used by the DDP test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+_W = torch.randn(12, 10, generator=torch.Generator().manual_seed(0))
+
+
+def teacher_function(x: torch.Tensor) -> torch.Tensor:
+    """Deterministic logits from 2x2-pooled pixels: different images give different outputs."""
+    return F.adaptive_avg_pool2d(x.float(), 2).flatten(1) @ _W * 4
+
+
+class CountingTeacher:
+    """Counts every sample it is run on; optionally fails on its ``fail_at``-th call, sleeps, or appends each
+    paid call to ``log`` (fsynced before returning, so a killed process still leaves a true count)."""
+
+    fingerprint = "test-teacher-v1"
+
+    def __init__(self, fail_at: int | None = None, sleep: float = 0.0, log: str | None = None) -> None:
+        self.fail_at, self.sleep, self.log = fail_at, sleep, log
+        self.calls = 0
+        self.invocations = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.invocations += 1
+        if self.fail_at == self.invocations:
+            raise RuntimeError(f"teacher API failed on call {self.invocations}")
+        time.sleep(self.sleep)
+        out = teacher_function(x)
+        self.calls += len(x)
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(f"{len(x)}\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return out
+
+
+def make_datamodule(teacher, cache_dir, budget, **kw):
+    from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
+
+    kw.setdefault("progress", False)
+    return CachedTeacherDataModule(CIFAR10DataModule(batch_size=32), teacher, budget=budget, cache_dir=str(cache_dir), **kw)
+
+
+def _fill(cache_dir: str, log: str, budget: str, batch: str, sleep: str) -> None:
+    dm = make_datamodule(CountingTeacher(sleep=float(sleep), log=log), cache_dir, int(budget), fill_batch_size=int(batch))
+    dm.setup("fit")
+
+
+def _ddp(out_dir: str, cache_dir: str, budget: str) -> None:
+    import lightning as L
+
+    from lightning_kd.modules import KnowledgeDistillation
+
+    teacher = CountingTeacher()
+    dm = make_datamodule(teacher, cache_dir, int(budget), fill_batch_size=50)
+    model = KnowledgeDistillation(student="resnet8", lr=0.01)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=2, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, dm)
+    rank = trainer.global_rank
+    cache = dm.cache
+    values = cache.get(cache.indices)
+    result = {
+        "rank": rank,
+        "calls": teacher.calls,
+        "cached": len(cache),
+        "indices_sha": hashlib.sha256(cache.indices.tobytes()).hexdigest(),
+        "values_sha": hashlib.sha256(values.numpy().tobytes()).hexdigest(),
+        "values_sum": float(values.double().sum()),
+        "values": values[:5].tolist(),
+        "budget_used": dm.budget_state.used,
+        "new_calls": dm.new_teacher_calls,
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    {"fill": _fill, "ddp": _ddp}[sys.argv[1]](*sys.argv[2:])
