@@ -1,0 +1,192 @@
+"""Accuracy vs teacher budget: CKD and the few-teacher-inference baselines on CIFAR-10.
+
+Every run trains a student on ``budget`` training images whose teacher outputs are cached (the shared ResNet-20
+teacher, one fixed augmented view per image) and reports test accuracy at the best-validation checkpoint. Runs
+are resumable: each finished run is stored as ``<out>/runs/<budget>-<method>-<seed>.json`` and skipped next time,
+so the grid can be spread over sessions. The table (markdown + CSV) and the plot are rebuilt from whatever runs
+exist.
+
+    python experiments/sweep_budget.py                      # the CPU grid (2 workers x 1 thread)
+    python experiments/sweep_budget.py --protocol full      # the official protocol, for GPUs
+    python experiments/sweep_budget.py --report-only        # rebuild table and plot
+
+Methods: ce (no teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), ckd
+(:class:`ComparativeDistillation`, pairs, MSE). All use the same cached outputs and the same number of steps
+per epoch, ceil(budget / 64), as the official code (a CKD batch holds 64 tuples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+METHODS = ("ce", "kd", "mixup", "cutmix", "rkd", "dist", "ckd")
+PROTOCOLS = {
+    # CPU: small student, short cosine schedule; sized so that 3 budgets x 7 methods x 3 seeds fit ~2 h on 2 cores.
+    "cpu": {"student": "resnet8", "epochs": 15, "lr": 0.05, "scheduler": "cosine", "batch_size": 64},
+    # The official CKD protocol (LR x0.1 on validation plateau, up to 3 times), for GPUs.
+    "full": {"student": "resnet8", "epochs": 240, "lr": 0.05, "scheduler": "plateau", "batch_size": 64},
+}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _datamodule(budget: int, seed: int, group_size: int, cache_root: Path, batch_size: int, progress: bool = False):
+    from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
+
+    return CachedTeacherDataModule(
+        CIFAR10DataModule(batch_size=batch_size, seed=0),
+        teacher="cifar10_resnet20_teacher.pt2",
+        budget=budget,
+        cache_dir=str(cache_root / f"seed{seed}"),
+        seed=seed,
+        group_size=group_size,
+        progress=progress,
+    )
+
+
+def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root: Path, threads: int) -> dict:
+    """Train and test one (budget, method, seed); returns and stores its result."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_kd.modules import ComparativeDistillation, KnowledgeDistillation, Supervised
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    common = dict(student=cfg["student"], lr=cfg["lr"], scheduler=cfg["scheduler"])
+    if method == "ce":
+        model = Supervised(**common)
+    elif method == "ckd":
+        model = ComparativeDistillation(**common)
+    else:
+        model = KnowledgeDistillation(method=method, **common)
+    dm = _datamodule(budget, seed, 2 if method == "ckd" else 1, cache_root, cfg["batch_size"])
+    ckpt = ModelCheckpoint(dirpath=out / "ckpt" / f"{budget}-{method}-{seed}", monitor="val/acc", mode="max")
+    trainer = L.Trainer(
+        max_epochs=cfg["epochs"], accelerator="cpu", devices=1, logger=False, callbacks=[ckpt],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    fit_s = time.perf_counter() - start
+    test = trainer.test(model, dm, ckpt_path="best", verbose=False)[0]
+    result = {
+        "budget": budget, "method": method, "seed": seed, "test_acc": test["test/acc"],
+        "best_val_acc": float(ckpt.best_model_score), "epochs": cfg["epochs"], "steps": trainer.global_step,
+        "student": cfg["student"], "fit_seconds": round(fit_s, 1), "new_teacher_calls": dm.new_teacher_calls,
+        "train_samples": len(dm.train_indices), "protocol": cfg,
+    }
+    Path(ckpt.best_model_path).unlink(missing_ok=True)
+    path = out / "runs" / f"{budget}-{method}-{seed}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def report(out: Path) -> str:
+    """Rebuild ``table.md``, ``table.csv`` and ``accuracy_vs_budget.png`` from the stored runs."""
+    import numpy as np
+
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    budgets = sorted({r["budget"] for r in runs})
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    stats = {}
+    for m in methods:
+        for b in budgets:
+            accs = [100 * r["test_acc"] for r in runs if r["method"] == m and r["budget"] == b]
+            if accs:
+                stats[m, b] = (float(np.mean(accs)), float(np.std(accs)), len(accs))
+    lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    csv = ["method,budget,mean_test_acc,std_test_acc,seeds"]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            if (m, b) in stats:
+                mean, std, n = stats[m, b]
+                cells.append(f"{mean:.2f} ± {std:.2f} (n={n})")
+                csv.append(f"{m},{b},{mean:.3f},{std:.3f},{n}")
+            else:
+                cells.append("–")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    wall = sum(r["fit_seconds"] for r in runs)
+    table = "\n".join(lines) + f"\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds; {len(runs)} runs, {wall / 3600:.2f} h of fit time in all.\n"
+    (out / "table.md").write_text(table)
+    (out / "table.csv").write_text("\n".join(csv) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = [(b, *stats[m, b][:2]) for b in budgets if (m, b) in stats]
+        if pts:
+            b_, mean, std = zip(*pts)
+            ax.errorbar(b_, mean, yerr=std, marker="o", capsize=3, label=m, lw=2 if m == "ckd" else 1)
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("teacher budget (training images with teacher outputs)")
+    ax.set_ylabel("CIFAR-10 test accuracy (%)")
+    ax.set_title("ResNet-20 teacher → ResNet-8 student")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_budget.png", dpi=120)
+    return table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000, 4000])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--protocol", choices=PROTOCOLS, default="cpu")
+    p.add_argument("--epochs", type=int, help="override the protocol's epochs")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel (each with --threads threads)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "budget_sweep")
+    p.add_argument("--cache-root", type=Path, default=None, help="default: $LKD_CACHE_DIR/sweep_budget")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    cfg = dict(PROTOCOLS[args.protocol], protocol=args.protocol)
+    if args.epochs:
+        cfg["epochs"] = args.epochs
+    out = args.out / args.protocol
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        print(report(out))
+        return
+
+    from lightning_kd.data.cifar import default_cache_dir
+
+    cache_root = args.cache_root or default_cache_dir() / "sweep_budget"
+    # Fill each seed's cache once, up front, for the largest budget (selections are nested, so every smaller
+    # budget finds its outputs there); parallel runs then never call the teacher.
+    for seed in args.seeds:
+        _datamodule(max(args.budgets), seed, 1, cache_root, 64, progress=True).setup("fit")
+
+    todo = [
+        (b, m, s) for s in args.seeds for b in args.budgets for m in args.methods
+        if not (out / "runs" / f"{b}-{m}-{s}.json").exists()
+    ]
+    print(f"{len(todo)} runs to do ({args.workers} workers x {args.threads} threads); results in {out}")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, b, m, s, cfg, out, cache_root, args.threads): (b, m, s) for b, m, s in todo}
+        for fut in as_completed(futures):
+            r = fut.result()
+            print(f"budget {r['budget']:5d} {r['method']:7s} seed {r['seed']}: test acc {100 * r['test_acc']:.2f}% "
+                  f"({r['fit_seconds']:.0f} s, {r['new_teacher_calls']} new teacher calls)", flush=True)
+            report(out)
+    print(report(out))
+
+
+if __name__ == "__main__":
+    main()
