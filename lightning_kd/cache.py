@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lightning_kd.budget import _fsync_dir
+from lightning_kd.utils import sha256_file
 
 FORMAT_VERSION = 1
 StorageDtype = Literal["float32", "float16", "topk"]
@@ -83,14 +84,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def encode_topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +192,7 @@ class TeacherCache:
                         f"committed file {path} is truncated or altered: {path.stat().st_size} bytes, "
                         f"expected {meta['bytes']}"
                     )
-                if self.verify and _sha256(path) != meta["sha256"]:
+                if self.verify and sha256_file(path) != meta["sha256"]:
                     raise CacheCorruptedError(f"committed file {path} fails its sha256 checksum: its content changed")
                 try:
                     arrays[fname.split(".")[-2]] = np.load(path, mmap_mode="r", allow_pickle=False)

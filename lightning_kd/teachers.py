@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_kd.data.cifar import sha256_file
+from lightning_kd.utils import sha256_file
 
 Teacher = Callable[[torch.Tensor], torch.Tensor]
 

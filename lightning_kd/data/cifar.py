@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lightning_kd.data.base import IndexedDataModule, IndexedImages, View
+from lightning_kd.utils import sha256_file
 
 NPZ_NAME = "cifar10_jpeg.npz"
 NPZ_SHA256 = "b1091c5ea41ae05745b054dfe78e169e8ec1f4dc2df004961759ace1b182b15c"
@@ -45,14 +46,6 @@ def default_cache_dir() -> Path:
     """Where decoded arrays (and torchvision downloads) go: ``$LKD_CACHE_DIR`` or ``~/.cache/lightning_kd``."""
     env = os.environ.get("LKD_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "lightning_kd"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _decode_split(npz: np.lib.npyio.NpzFile, split: str) -> tuple[np.ndarray, np.ndarray]:
