@@ -1,0 +1,131 @@
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_kd.callbacks import DynamicTeacherSharing, StudentExtraction, TeacherBudgetMonitor
+from lightning_kd.losses import comparative_kd_loss, hinton_kd_loss
+from lightning_kd.modules import ComparativeDistillation, GapPreservingDistillation, KnowledgeDistillation, Supervised
+from lightning_kd.teachers import load_teacher
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from teachers_for_tests import CountingTeacher, make_datamodule  # noqa: E402
+
+
+def _trainer(tmp_path, steps=2, **kw):
+    return L.Trainer(
+        accelerator="cpu", max_steps=steps, limit_val_batches=1, limit_test_batches=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path, **kw,
+    )
+
+
+def _batch(b=8, k=None, c=10):
+    g = torch.Generator().manual_seed(0)
+    lead = (b,) if k is None else (b, k)
+    return {
+        "index": torch.arange(b * (k or 1)).view(lead),
+        "input": torch.randn(*lead, 3, 32, 32, generator=g),
+        "target": torch.randint(0, c, lead, generator=g),
+        "teacher_logits": torch.randn(*lead, c, generator=g) * 3,
+    }
+
+
+def test_kd_training_step_is_hinton_kd_on_the_cached_logits():
+    model = KnowledgeDistillation(student="resnet8", alpha=0.3, temperature=2.0)
+    batch = _batch()
+    model.log_train = lambda *a, **k: None
+    torch.manual_seed(0)
+    loss = model.training_step(batch, 0)
+    expected = hinton_kd_loss(model(batch["input"]), batch["teacher_logits"], batch["target"], 0.3, 2.0)
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_ckd_training_step_splits_tuples_into_positive_and_negative_sides():
+    model = ComparativeDistillation(student="resnet8")
+    model.eval()  # BN in eval mode: the per-member forward below must match the batched one
+    model.log_train = lambda *a, **k: None
+    batch = _batch(b=4, k=3)
+    loss = model.training_step(batch, 0)
+    z = torch.stack([model(batch["input"][:, j]) for j in range(3)], 1)
+    zt, y = batch["teacher_logits"], batch["target"]
+    expected = comparative_kd_loss(z[:, :2], z[:, 2:], zt[:, :2], zt[:, 2:], y[:, :2], y[:, 2:])
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_ckd_refuses_plain_batches_with_a_clear_error():
+    model = ComparativeDistillation(student="resnet8")
+    with pytest.raises(ValueError, match="group_size"):
+        model.training_step(_batch(), 0)
+
+
+@pytest.mark.parametrize("method", ["kd", "mixup", "cutmix", "rkd", "dist"])
+def test_every_baseline_trains(method):
+    model = KnowledgeDistillation(student="resnet8", method=method)
+    model.log_train = lambda *a, **k: None
+    loss = model.training_step(_batch(), 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.student.parameters())
+
+
+def test_ckd_costs_no_teacher_call_beyond_the_cache_fill(tmp_path):
+    teacher = CountingTeacher()
+    dm = make_datamodule(teacher, tmp_path / "cache", 128, group_size=2, fill_batch_size=64)
+    trainer = _trainer(tmp_path, steps=6, callbacks=[TeacherBudgetMonitor()])
+    model = ComparativeDistillation(student="resnet8")
+    trainer.fit(model, dm)
+    assert teacher.calls == 128 and trainer.global_step == 6
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert teacher.calls == 128  # training, validation and test cost nothing more
+
+
+def test_gpd_from_scratch_without_a_teacher_and_extraction(tmp_path):
+    from lightning_kd.data import CIFAR10DataModule
+
+    dm = CIFAR10DataModule(batch_size=16, val_size=64)
+    model = GapPreservingDistillation(student="resnet8", ratio=1.5, branches=True)
+    extraction = StudentExtraction(dirpath=str(tmp_path))
+    _trainer(tmp_path, steps=3, callbacks=[DynamicTeacherSharing(check_every_n_steps=1), extraction]).fit(model, dm)
+    student = load_teacher(extraction.path)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert (student(x) - model(x)).abs().max() <= 1e-5
+    assert extraction.metrics["extracted/max_abs_diff"] <= 1e-5
+    assert 0 <= extraction.metrics["extracted/val_acc"] <= 1
+
+
+def test_gpd_under_a_teacher_budget_uses_the_cached_outputs(tmp_path):
+    teacher = CountingTeacher()
+    dm = make_datamodule(teacher, tmp_path / "cache", 64, fill_batch_size=64)
+    model = GapPreservingDistillation(student="resnet8", ratio=2.0, branches=False, sce_weight=3.0)
+    _trainer(tmp_path, steps=2).fit(model, dm)
+    assert teacher.calls == 64
+    batch = next(iter(dm.train_dataloader()))
+    model.log_train = lambda *a, **k: None
+    model.eval()
+    loss = model.training_step(batch, 0)
+    z_dt, z_s = model.dynamic_teacher(batch["input"]), model(batch["input"])
+    y, z_t = batch["target"], batch["teacher_logits"]
+    from lightning_kd.losses import kd_loss, soft_cross_entropy
+
+    expected = (
+        F.cross_entropy(z_dt, y) + kd_loss(z_dt, z_t) + F.cross_entropy(z_s, y) + kd_loss(z_s, z_t)
+        + 3.0 * soft_cross_entropy(z_s, z_dt.softmax(1), label_smoothing=0.1)
+    )
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_supervised_checkpoint_loads_as_a_teacher(tmp_path):
+    from lightning_kd.data import CIFAR10DataModule
+
+    model = Supervised(student="resnet8", label_smoothing=0.1)
+    trainer = _trainer(tmp_path, steps=1)
+    trainer.fit(model, CIFAR10DataModule(batch_size=8, val_size=16))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    teacher = load_teacher(tmp_path / "m.ckpt")
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.equal(teacher(x), model(x))
