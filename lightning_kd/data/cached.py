@@ -101,8 +101,8 @@ def fill_cache(
             calls += len(x)
             cache.write(batch["index"], logits, writer=writer)  # validates before storing anything
             budget.commit(token)
+            bar.set_postfix_str(f"budget {budget.used}/{budget.total}", refresh=False)
             bar.update(len(x))
-            bar.set_postfix_str(f"budget {budget.used}/{budget.total}")
     return calls
 
 
@@ -289,7 +289,7 @@ class CachedTeacherDataModule(IndexedDataModule):
             self.last_fill_calls = fill_cache(
                 teacher, dataset, cache, budget, batch_size=h.fill_batch_size, device=device,
                 writer=f"{budget.writer}-rank{rank}", progress=h.progress and rank == 0,
-                desc=f"teacher outputs ({len(missing)} missing, rank {rank}/{world})",
+                desc=f"teacher outputs ({len(missing)} missing" + (f", {len(shard)} on rank {rank} of {world})" if world > 1 else ")"),
             )
         self._barrier()
         cache.refresh()
