@@ -32,7 +32,16 @@ elementwise activation (ReLU6, SiLU, GELU), for BN modules with a fused
 activation, and for non-integer ratios. The official code (``CNN/gpd_utils.py``,
 ``CNN/gpd_layers.py``) instead divides each output copy by ``r`` so wide
 activations are ``x / r``, and evaluates BN as ``BN(r * x) / r``; that relies on
-``act(x / r) == act(x) / r`` (true for ReLU only), and on integer ratios.
+``act(x / r) == act(x) / r`` (positively homogeneous activations such as ReLU
+only: not ReLU6, SiLU, GELU, nor the activation inside ``BatchNormAct2d``) and
+on integer ratios (copies are concatenated ``r`` times).
+
+Limits: only Conv2d, Linear, BatchNorm2d / ``BatchNormAct2d`` with their
+standard forward hold state; anything else with parameters or buffers raises
+``UnsupportedLayerError``. Operations that do not commute with channel copying
+(channel concatenation, flattening spatial maps into a Linear, channel
+attention from functional ops) are caught by the check ``expand`` runs on the
+example input (``ExpansionCheckError``).
 
 Student view (CBR, Sec. 3.3)
 ----------------------------
@@ -40,8 +49,10 @@ Only the DT's parameters exist. Each wide layer computes the student's weights
 from them in ``forward`` when in student mode:
 ``W_S[o, i] = n_i * W'[o, i]`` for ``o < C_o``, ``i < C_i`` (first layer:
 ``W'[:C_o]``; depthwise/grouped: ``W'[:C_o]``), ``b_S = b'[:C_o]``,
-``gamma_S = gamma'[:C]``, ``beta_S = beta'[:C]``. At init this is exactly the
-original student; gradients of the student loss flow into the shared DT
+``gamma_S = gamma'[:C]``, ``beta_S = beta'[:C]``. At init this is the original
+student (bit for bit where every ``n_i`` is a power of two, else up to one
+rounding of ``n * (W / n)``); ``noise_std`` perturbs only entries outside this
+student block. Gradients of the student loss flow into the shared DT
 parameters, so one optimizer over ``dt.parameters()`` trains both. This is the
 paper's rule "student = slice of the DT scaled by r" with the scale put on the
 input-channel copy count. BN running statistics are not shared: the student
@@ -121,7 +132,7 @@ class WideLayer(nn.Module):
         raise NotImplementedError
 
 
-class _WideLinearOp(WideLayer):
+class _WideDense(WideLayer):
     """Shared widening of a dense ``(out, in, ...)`` weight (conv with groups 1, linear)."""
 
     in_copies: torch.Tensor | None
@@ -159,7 +170,7 @@ class _WideLinearOp(WideLayer):
         return weight if self.in_copies is None else weight * self.in_copies
 
 
-class WideConv2d(_WideLinearOp):
+class WideConv2d(_WideDense):
     """Wide ``nn.Conv2d`` of the DT, optionally with CBR branches; student view by slicing.
 
     Wide mode runs ``F.conv2d`` with the (branch-merged) wide kernel; student mode
@@ -252,7 +263,7 @@ class WideConv2d(_WideLinearOp):
         )
 
 
-class WideLinear(_WideLinearOp):
+class WideLinear(_WideDense):
     """Wide ``nn.Linear`` of the DT (channels on the last dim); student view by slicing."""
 
     def __init__(
