@@ -302,10 +302,11 @@ class CachedTeacherDataModule(IndexedDataModule):
         self.new_teacher_calls = self.budget_state.used - used_before  # all ranks together
         self.train_indices = self.selected[cache.contains(self.selected)]
         if rank == 0:
+            b = self.budget_state
             print(
-                f"[lightning_kd] teacher budget: {self.budget_state.used}/{h.budget} used, "
-                f"{self.new_teacher_calls} new teacher calls; training on {len(self.train_indices)} samples "
-                f"with cached outputs ({cache.directory})"
+                f"[lightning_kd] {self.new_teacher_calls} new teacher calls (budget {h.budget}); training on "
+                f"{len(self.train_indices)} samples with cached outputs. Cache {cache.directory}: {b.used} teacher "
+                f"calls recorded in all, {b.lost} lost."
             )
 
     def _rank_world(self) -> tuple[int, int]:
