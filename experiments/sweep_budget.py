@@ -170,7 +170,7 @@ def main() -> None:
     # Fill each seed's cache once, up front, for the largest budget (selections are nested, so every smaller
     # budget finds its outputs there); parallel runs then never call the teacher.
     for seed in args.seeds:
-        _datamodule(max(args.budgets), seed, 1, cache_root, 64, progress=True).setup("fit")
+        _datamodule(max(args.budgets), seed, 1, cache_root, 64, progress=True).fill()
 
     todo = [
         (b, m, s) for s in args.seeds for b in args.budgets for m in args.methods

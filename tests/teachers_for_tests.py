@@ -59,7 +59,7 @@ def make_datamodule(teacher, cache_dir, budget, **kw):
 
 def _fill(cache_dir: str, log: str, budget: str, batch: str, sleep: str) -> None:
     dm = make_datamodule(CountingTeacher(sleep=float(sleep), log=log), cache_dir, int(budget), fill_batch_size=int(batch))
-    dm.setup("fit")
+    dm.fill()
 
 
 def _ddp(out_dir: str, cache_dir: str, budget: str) -> None:

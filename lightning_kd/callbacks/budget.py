@@ -7,7 +7,7 @@ import lightning as L
 
 class TeacherBudgetMonitor(L.Callback):
     """Logs ``budget/used``, ``budget/remaining``, ``budget/lost`` and ``budget/new_calls`` of the DataModule's
-    teacher budget at the start of fit and at the end of every training epoch."""
+    teacher budget at the start of training and at the end of every training epoch."""
 
     def _log(self, trainer: L.Trainer) -> None:
         dm = trainer.datamodule
@@ -24,7 +24,7 @@ class TeacherBudgetMonitor(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

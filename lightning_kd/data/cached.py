@@ -252,9 +252,19 @@ class CachedTeacherDataModule(IndexedDataModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        """Choose the training and validation samples (cheap; no teacher call)."""
+        if not hasattr(self, "selected"):
+            self._plan()
+
+    def fill(self) -> None:
+        """Open the cache and run the teacher on the selected samples that have no outputs yet (once).
+
+        Called by ``train_dataloader`` — after Lightning restored a checkpoint, so that the budget recorded there
+        counts — or directly (``lkd cache``). Under DDP every rank must call it.
+        """
         if self.cache is not None:
             return
-        self._plan()
+        self.setup("fit")
         h = self.h
         rank, world = self._rank_world()
         teacher = _resolve_teacher(self.teacher_spec)
@@ -272,8 +282,8 @@ class CachedTeacherDataModule(IndexedDataModule):
                 f"{budget.remaining} of the budget {budget.total} remain ({budget.used} used, {budget.lost} lost "
                 "to earlier runs that died between a teacher call and its commit)"
             )
-            if h.strict:
-                raise TeacherBudgetExceeded(msg + ". strict=True: stopping.")
+            if h.strict or len(missing) == len(self.selected):
+                raise TeacherBudgetExceeded(msg + (". strict=True: stopping." if h.strict else ": no sample to train on."))
             warnings.warn(msg + f". Training on the samples that have outputs (up to {len(self.selected) - len(missing) + budget.remaining}).")
             missing = missing[: budget.remaining]
         shard = missing[rank::world]
@@ -328,7 +338,11 @@ class CachedTeacherDataModule(IndexedDataModule):
         ckpt_path = getattr(self.trainer, "ckpt_path", None) if self.trainer is not None else None
         if not ckpt_path or not Path(ckpt_path).exists():
             return {}
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a checkpoint holding objects weights_only refuses: the ledger still holds
+            warnings.warn(f"could not read the teacher budget from {ckpt_path} ({err}); using the cache's ledger alone")
+            return {}
         return ckpt.get(type(self).__qualname__, {}).get("budget", {})
 
     def state_dict(self) -> dict[str, Any]:
@@ -341,6 +355,7 @@ class CachedTeacherDataModule(IndexedDataModule):
 
     # -- data --------------------------------------------------------------------------------------------------
     def train_dataset(self) -> Dataset:
+        self.fill()
         train = CachedOutputs(self.datamodule.make_dataset(self.train_indices, "train"), self.cache)
         k = self.h.group_size
         if k == 1:

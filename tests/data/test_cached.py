@@ -30,14 +30,14 @@ def expected_outputs(dm, indices):
 def test_fill_costs_exactly_the_budget_and_a_second_run_nothing(tmp_path):
     teacher = CountingTeacher()
     dm = make_datamodule(teacher, tmp_path, BUDGET, fill_batch_size=64)
-    dm.setup("fit")
+    dm.fill()
     assert teacher.calls == BUDGET and dm.new_teacher_calls == BUDGET and dm.budget_state.used == BUDGET
     assert len(dm.train_indices) == BUDGET
     assert torch.equal(dm.cache.get(dm.train_indices), expected_outputs(dm, dm.train_indices))
 
     again_teacher = CountingTeacher()
     again = make_datamodule(again_teacher, tmp_path, BUDGET, fill_batch_size=64)
-    again.setup("fit")
+    again.fill()
     assert again_teacher.calls == 0 and again.new_teacher_calls == 0
     assert np.array_equal(again.train_indices, dm.train_indices)
 
@@ -52,7 +52,7 @@ def test_fill_costs_exactly_the_budget_and_a_second_run_nothing(tmp_path):
 
 def test_training_inputs_are_freshly_augmented_while_teacher_outputs_stay_fixed(tmp_path):
     dm = make_datamodule(CountingTeacher(), tmp_path, 64, fill_batch_size=64)
-    dm.setup("fit")
+    dm.fill()
     ds = dm.train_dataset()
     a, b = ds.__getitems__(list(range(64))), ds.__getitems__(list(range(64)))
     assert not torch.equal(a["input"], b["input"])
@@ -61,7 +61,7 @@ def test_training_inputs_are_freshly_augmented_while_teacher_outputs_stay_fixed(
 
 def test_one_sample_over_the_budget_raises_before_any_call(tmp_path):
     dm = make_datamodule(CountingTeacher(), tmp_path / "dm", BUDGET)
-    dm._plan()
+    dm.setup("fit")
     teacher = CountingTeacher()
     cache = dm._open_cache(teacher)
     dataset = dm.datamodule.make_dataset(dm.datamodule.train_indices[: BUDGET + 1], "eval", normalize=False)
@@ -88,7 +88,7 @@ def test_teacher_crash_then_resume_keeps_committed_outputs_and_the_budget(tmp_pa
     failing = CountingTeacher(fail_at=fail_at)
     dm = make_datamodule(failing, tmp_path, BUDGET, fill_batch_size=64)
     with pytest.raises(RuntimeError, match=f"call {fail_at}"):
-        dm.setup("fit")
+        dm.fill()
     before = TeacherCache(tmp_path)
     assert len(before) == 64 * (fail_at - 1)
     committed = before.indices
@@ -96,7 +96,7 @@ def test_teacher_crash_then_resume_keeps_committed_outputs_and_the_budget(tmp_pa
 
     resumed_teacher = CountingTeacher()
     resumed = make_datamodule(resumed_teacher, tmp_path, BUDGET, fill_batch_size=64)
-    resumed.setup("fit")
+    resumed.fill()
     assert failing.calls + resumed_teacher.calls == BUDGET  # the failed call produced nothing and was released
     assert resumed_teacher.calls == BUDGET - len(committed)
     assert torch.equal(resumed.cache.get(committed), snapshot)  # bit-identical
@@ -117,17 +117,17 @@ def test_outputs_lost_after_a_paid_call_are_counted_and_reported(tmp_path, monke
     monkeypatch.setattr(TeacherCache, "write", dies_on_second_write)
     first = CountingTeacher()
     with pytest.raises(KeyboardInterrupt):
-        make_datamodule(first, tmp_path, BUDGET, fill_batch_size=64).setup("fit")
+        make_datamodule(first, tmp_path, BUDGET, fill_batch_size=64).fill()
     monkeypatch.setattr(TeacherCache, "write", real_write)
     assert first.calls == 128  # the second batch was paid for
 
     with pytest.raises(TeacherBudgetExceeded, match="64 lost"):
-        make_datamodule(CountingTeacher(), tmp_path, BUDGET, fill_batch_size=64, strict=True).setup("fit")
+        make_datamodule(CountingTeacher(), tmp_path, BUDGET, fill_batch_size=64, strict=True).fill()
 
     second = CountingTeacher()
     dm = make_datamodule(second, tmp_path, BUDGET, fill_batch_size=64)
     with pytest.warns(UserWarning, match=r"236 of the 300 selected samples have no teacher outputs but only 172 of the budget 300 remain \(128 used, 64 lost"):
-        dm.setup("fit")
+        dm.fill()
     assert first.calls + second.calls <= BUDGET
     assert second.calls == BUDGET - 128
     assert dm.budget_state.lost == 64 and dm.budget_state.used == BUDGET
@@ -160,9 +160,9 @@ def test_kill_9_mid_fill_then_resume(tmp_path):
     lost = TeacherBudget(BUDGET, cache_dir).lost
     if lost:
         with pytest.warns(UserWarning, match=f"{lost} lost"):
-            dm.setup("fit")
+            dm.fill()
     else:
-        dm.setup("fit")
+        dm.fill()
     assert child_calls + teacher.calls <= BUDGET
     assert torch.equal(dm.cache.get(committed), snapshot)
     assert torch.equal(dm.cache.get(dm.train_indices), expected_outputs(dm, dm.train_indices))
@@ -186,7 +186,7 @@ def test_selection_is_seeded_nested_and_class_balanced():
 
 def test_validation_split_follows_the_80_20_protocol(tmp_path):
     dm = make_datamodule(CountingTeacher(), tmp_path, 400)
-    dm._plan()
+    dm.setup("fit")
     assert len(dm.val_indices) == 100  # 400 * 0.2 / 0.8
     assert not np.isin(dm.val_indices, dm.selected).any()
     assert np.isin(dm.val_indices, dm.datamodule.train_indices).all()
@@ -194,7 +194,7 @@ def test_validation_split_follows_the_80_20_protocol(tmp_path):
 
 def test_ckd_tuples_batches_are_groups_of_cached_samples(tmp_path):
     dm = make_datamodule(CountingTeacher(), tmp_path, 128, group_size=3, max_tuples=1000)
-    dm.setup("fit")
+    dm.fill()
     batch = next(iter(dm.train_dataloader()))
     assert batch["input"].shape == (32, 3, 3, 32, 32) and batch["teacher_logits"].shape == (32, 3, 10)
     assert batch["index"].shape == (32, 3)
@@ -220,3 +220,26 @@ def test_ddp_two_processes_fill_disjoint_shards_and_see_the_same_cache(tmp_path)
     assert r0["indices_sha"] == r1["indices_sha"] and r0["values_sha"] == r1["values_sha"]
     assert r0["budget_used"] == r1["budget_used"] == BUDGET
     assert r0["new_calls"] == r1["new_calls"] == BUDGET
+
+
+def test_resume_from_a_checkpoint_keeps_the_budget_even_if_the_ledger_is_gone(tmp_path):
+    import shutil
+
+    import lightning as L
+
+    from lightning_kd.modules import KnowledgeDistillation
+
+    def trainer():
+        return L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+
+    t = trainer()
+    t.fit(KnowledgeDistillation(student="resnet8"), make_datamodule(CountingTeacher(), tmp_path / "cache", 64))
+    ckpt = tmp_path / "resume.ckpt"
+    t.save_checkpoint(ckpt)
+    assert torch.load(ckpt, weights_only=True)["CachedTeacherDataModule"]["budget"]["used"] == 64
+    shutil.rmtree(tmp_path / "cache")  # outputs and ledger lost; the checkpoint remembers 64 paid calls
+    teacher = CountingTeacher()
+    with pytest.raises(TeacherBudgetExceeded, match="only 0 of the budget 64 remain"):
+        trainer().fit(KnowledgeDistillation(student="resnet8"), make_datamodule(teacher, tmp_path / "cache", 64), ckpt_path=ckpt)
+    assert teacher.calls == 0
