@@ -14,6 +14,7 @@ import sys
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
 
 class LKDCLI(LightningCLI):
@@ -54,7 +55,10 @@ def main(args: list[str] | None = None) -> None:
             raise SystemExit(f"lkd cache needs a CachedTeacherDataModule in `data`, got {type(cli.datamodule).__name__}")
         cli.datamodule.fill()
         return
-    LKDCLI(args=args, save_config_kwargs={"overwrite": True})
+    cli = LKDCLI(args=args, save_config_kwargs={"overwrite": True})
+    for logger in cli.trainer.loggers:  # close the W&B run so that a later run in this process starts its own
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 if __name__ == "__main__":

@@ -233,7 +233,7 @@ class CachedTeacherDataModule(IndexedDataModule):
         self.selected = select_samples(pool, dm.targets(pool), h.budget, h.selection, h.seed)
         rest = np.setdiff1d(pool, self.selected)
         n_val = min(round(h.budget * h.val_fraction / (1 - h.val_fraction)), len(rest))
-        self.val_indices = np.sort(np.random.default_rng(h.seed + 1).permutation(rest)[:n_val])
+        self.val_indices = np.random.default_rng(h.seed + 1).permutation(rest)[:n_val]  # any prefix: all classes
 
     def _open_cache(self, teacher: Teacher) -> TeacherCache:
         h = self.h

@@ -157,7 +157,7 @@ class CIFAR10DataModule(IndexedDataModule):
         if not 0 <= self.val_size < n:
             raise ValueError(f"val_size must be in [0, {n}), got {self.val_size}")
         order = np.random.default_rng(self.seed).permutation(n)
-        self.val_indices = np.sort(order[: self.val_size])
+        self.val_indices = order[: self.val_size]  # shuffled: the archive is ordered by class
         self.train_indices = np.sort(order[self.val_size :])
 
     def fingerprint(self) -> str:
@@ -178,7 +178,8 @@ class CIFAR10DataModule(IndexedDataModule):
 
     def test_dataset(self) -> IndexedImages:
         self.setup()
-        return IndexedImages(self._test_x, self._test_y, np.arange(len(self._test_y)), mean=CIFAR10_MEAN, std=CIFAR10_STD)
+        order = np.random.default_rng(0).permutation(len(self._test_y))  # so that any prefix covers all classes
+        return IndexedImages(self._test_x, self._test_y, order, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
     def train_dataloader(self):
         return self.loader(self.make_dataset(self.train_indices, "train"), train=True)

@@ -102,7 +102,8 @@ def test_pixels_and_labels_match_source(cifar, source, split):
     if split == "train":
         batch = cifar.make_dataset(idx, "eval", normalize=False).__getitems__(list(range(len(idx))))
     else:
-        batch = cifar.test_dataset().__getitems__(idx.tolist())
+        test = cifar.test_dataset()  # served in a fixed shuffled order: find the positions of these indices
+        batch = test.__getitems__(torch.argsort(test.indices)[torch.from_numpy(idx)].tolist())
         batch["input"] = _unnormalize(batch["input"])
     assert batch["index"].tolist() == idx.tolist()
     if split == "train":
