@@ -93,5 +93,35 @@ def _ddp(out_dir: str, cache_dir: str, budget: str) -> None:
         json.dump(result, f)
 
 
+def _gpd_ddp(out_dir: str, cache_dir: str, budget: str) -> None:
+    import lightning as L
+
+    from lightning_kd.callbacks import DynamicTeacherSharing, StudentExtraction
+    from lightning_kd.modules import GapPreservingDistillation
+    from lightning_kd.reparam import extract_student
+
+    dm = make_datamodule(CountingTeacher(), cache_dir, int(budget), fill_batch_size=50)
+    model = GapPreservingDistillation(student="resnet8", ratio=1.5, branches=True, noise_std=1e-3, lr=0.05)
+    extraction = StudentExtraction(dirpath=out_dir, evaluate=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[DynamicTeacherSharing(check_every_n_steps=1), extraction],
+    )
+    before = extract_student(model.dynamic_teacher).state_dict()
+    trainer.fit(model, dm)
+    student = extract_student(model.dynamic_teacher)
+    state = student.state_dict()
+    params = {n for n, _ in student.named_parameters()}
+
+    def digest(keys):
+        return hashlib.sha256(b"".join(state[k].detach().float().numpy().tobytes() for k in keys)).hexdigest()
+
+    moved = float(sum((v.float() - w.float()).abs().sum() for v, w in zip(state.values(), before.values())))
+    with open(os.path.join(out_dir, f"gpd_rank{trainer.global_rank}.json"), "w") as f:
+        json.dump({"params_sha": digest([k for k in state if k in params]), "full_sha": digest(list(state)),
+                   "moved": moved, "steps": trainer.global_step}, f)
+
+
 if __name__ == "__main__":
-    {"fill": _fill, "ddp": _ddp}[sys.argv[1]](*sys.argv[2:])
+    {"fill": _fill, "ddp": _ddp, "gpd_ddp": _gpd_ddp}[sys.argv[1]](*sys.argv[2:])

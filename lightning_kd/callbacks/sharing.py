@@ -37,8 +37,8 @@ class DynamicTeacherSharing(L.Callback):
     break it is state outside that construction. At fit start this checks that every trainable parameter of the
     LightningModule belongs to the dynamic teacher (no separate student copy for an optimizer to update). Every
     ``check_every_n_steps`` optimizer steps, and at the end of fit, it computes the student's tensors from the
-    DT (they must be finite) and, under DDP/FSDP, checks that every rank holds the same DT and student (a
-    digest all-gathered across ranks). Under FSDP it works on the full parameters (``summon_full_params``).
+    DT (they must be finite) and, under DDP/FSDP, checks that every rank holds the same DT and student
+    parameters (a digest all-gathered across ranks; BN running statistics are per rank). Under FSDP it works on the full parameters (``summon_full_params``).
     A violation raises :class:`SharingViolation`.
     """
 
@@ -68,7 +68,10 @@ class DynamicTeacherSharing(L.Callback):
             bad = [k for k, v in student.items() if v.is_floating_point() and not torch.isfinite(v).all()]
             if bad:
                 raise SharingViolation(f"non-finite student tensors at step {trainer.global_step}: {bad[:5]}")
-            digest = _digest(dict(dt.state_dict()) | {f"student.{k}": v for k, v in student.items()})
+            # Parameters only: BN running statistics legitimately differ between ranks (each sees its own data;
+            # DDP re-broadcasts rank zero's at the next forward).
+            params = {n for n, _ in dt.student_template.named_parameters()}
+            digest = _digest(dict(dt.named_parameters()) | {f"student.{k}": v for k, v in student.items() if k in params})
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
             gathered: list[bytes | None] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, digest)

@@ -129,3 +129,41 @@ def test_supervised_checkpoint_loads_as_a_teacher(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     assert torch.equal(teacher(x), model(x))
+
+
+@pytest.mark.ddp
+def test_gpd_under_ddp_keeps_sharing_and_extracts_the_same_student_on_every_rank(tmp_path):
+    import hashlib
+    import json
+    import os
+    import subprocess
+
+    helper = Path(__file__).parents[1] / "teachers_for_tests.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run(
+        [sys.executable, str(helper), "gpd_ddp", str(tmp_path), str(tmp_path / "cache"), "128"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]  # DynamicTeacherSharing raises if ranks disagree
+    r0, r1 = (json.loads((tmp_path / f"gpd_rank{r}.json").read_text()) for r in (0, 1))
+    # identical parameters on both ranks (BN running statistics are per rank, as in any DDP run)
+    assert r0["params_sha"] == r1["params_sha"] and r0["steps"] == r1["steps"] == 3
+    assert r0["moved"] > 0  # training changed the shared weights
+    saved = torch.load(tmp_path / "student.ckpt", weights_only=True)["state_dict"]
+    digest = hashlib.sha256(b"".join(v.float().numpy().tobytes() for v in saved.values())).hexdigest()
+    assert digest == r0["full_sha"]  # rank zero's checkpoint is rank zero's student, running statistics included
+
+
+def test_lkd_cache_fills_without_training(tmp_path, monkeypatch):
+    from lightning_kd.cache import TeacherCache
+    from lightning_kd.cli import main
+
+    monkeypatch.chdir(Path(__file__).parents[2])
+    main([
+        "cache", "--config", "experiments/cifar10/kd_budget.yaml", "--data.init_args.budget", "40",
+        "--data.init_args.cache_dir", str(tmp_path / "cache"), "--data.init_args.progress", "false",
+        "--trainer.logger", "false",
+    ])
+    cache = TeacherCache(tmp_path / "cache")
+    assert len(cache) == 40 and cache.spec.teacher.startswith("sha256:")
+    assert not list(tmp_path.glob("**/*.ckpt"))
