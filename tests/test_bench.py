@@ -39,7 +39,7 @@ def test_bench_runs_at_tiny_sizes_and_reports_every_number(tmp_path, data_dir):
     json_path, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
     bench.main([
         "--scale-rows", "5000", "--scale-classes", "100", "--scale-chunk", "2000", "--scale-dir", str(tmp_path),
-        "--repeats", "2", "--warmup", "1", "--batch-size", "16",
+        "--repeats", "2", "--warmup", "1", "--batch-size", "16", "--threads", "1",
         "--fill-samples", "48", "--fill-batch-size", "16", "--fill-repeats", "2",
         "--gathers", "10", "--gather-warmup", "2", "--rss-gathers", "10",
         "--extract-input", "32", "--extract-repeats", "1",
