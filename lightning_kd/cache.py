@@ -24,11 +24,12 @@ their total probability mass at T = 1 is preserved: r = logsumexp(rest) - log(C 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import mmap
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -80,10 +81,30 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+def _write_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype, fill: Callable[[np.ndarray], None]) -> dict:
+    """Write an .npy file through a memory map (no in-memory copy), fsync it, rename it into place.
+
+    Returns its size and sha256, for the commit record.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    fill(out)
+    out.flush()
+    del out
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    meta = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+    os.replace(tmp, path)
+    return meta
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    """Memory-map an .npy file for random row reads (no read-ahead of neighbouring pages)."""
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    mm = getattr(array, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+    return array
 
 
 def encode_topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +160,7 @@ class TeacherCache:
         else:
             self._create(spec)
         self.verify = verify
+        self._verified: set[str] = set()
         self.refresh()
 
     # -- manifest ---------------------------------------------------------------------------------------------
@@ -182,25 +204,31 @@ class TeacherCache:
         self._segments: list[dict[str, np.ndarray]] = []
         self._names: list[str] = []
         for name, rec in records.items():
-            arrays = {}
-            for fname, meta in rec["files"].items():
-                path = self.segments_dir / fname
-                if not path.exists():
-                    raise CacheCorruptedError(f"committed file {path} is missing")
-                if path.stat().st_size != meta["bytes"]:
-                    raise CacheCorruptedError(
-                        f"committed file {path} is truncated or altered: {path.stat().st_size} bytes, "
-                        f"expected {meta['bytes']}"
-                    )
-                if self.verify and sha256_file(path) != meta["sha256"]:
-                    raise CacheCorruptedError(f"committed file {path} fails its sha256 checksum: its content changed")
-                try:
-                    arrays[fname.split(".")[-2]] = np.load(path, mmap_mode="r", allow_pickle=False)
-                except ValueError as err:
-                    raise CacheCorruptedError(f"committed file {path} is not a readable .npy file: {err}") from err
-            self._segments.append(arrays)
+            self._segments.append(self._open_segment(rec))
             self._names.append(name)
         self._build_lookup()
+
+    def _open_segment(self, rec: dict) -> dict[str, np.ndarray]:
+        """Check a committed segment's files (size always; sha256 once per process with ``verify``) and map them."""
+        arrays = {}
+        for fname, meta in rec["files"].items():
+            path = self.segments_dir / fname
+            if not path.exists():
+                raise CacheCorruptedError(f"committed file {path} is missing")
+            if path.stat().st_size != meta["bytes"]:
+                raise CacheCorruptedError(
+                    f"committed file {path} is truncated or altered: {path.stat().st_size} bytes, "
+                    f"expected {meta['bytes']}"
+                )
+            if self.verify and fname not in self._verified:
+                if sha256_file(path) != meta["sha256"]:
+                    raise CacheCorruptedError(f"committed file {path} fails its sha256 checksum: its content changed")
+                self._verified.add(fname)  # committed files never change: one check per process is enough
+            try:
+                arrays[fname.split(".")[-2]] = _open_npy(path)
+            except ValueError as err:
+                raise CacheCorruptedError(f"committed file {path} is not a readable .npy file: {err}") from err
+        return arrays
 
     def _build_lookup(self) -> None:
         n = max((int(s["index"].max()) + 1 for s in self._segments if len(s["index"])), default=0)
@@ -257,6 +285,8 @@ class TeacherCache:
         if not torch.isfinite(logits).all():
             bad = (~torch.isfinite(logits)).any(1).nonzero().flatten()[:10]
             raise ValueError(f"teacher outputs contain NaN/inf for dataset indices {np.asarray(indices)[bad.numpy()].tolist()}")
+        if n == 0:
+            raise ValueError("no outputs to write")
         if len(np.unique(indices)) != n:
             raise ValueError("duplicate dataset indices in one write")
         present = np.asarray(indices)[self.contains(indices)]
@@ -273,25 +303,22 @@ class TeacherCache:
             arrays = {"index": idx, "values": values, "topi": topi}
         else:
             arrays = {"index": idx, "values": logits.numpy().astype(self.spec.dtype)}
-        name = self._commit(arrays, writer)
-        self._segments.append({k: np.asarray(v) for k, v in arrays.items()})
+        name, record = self._commit({k: (v.shape, v.dtype, lambda out, v=v: out.__setitem__(..., v)) for k, v in arrays.items()}, writer)
+        self._verified.update(record["files"])
+        self._segments.append(self._open_segment(record))
         self._names.append(name)
         self._extend_lookup(idx, len(self._segments) - 1)
         return name
 
-    def _commit(self, arrays: dict[str, np.ndarray], writer: str, supersedes: list[str] | None = None) -> str:
+    def _commit(self, parts: dict[str, tuple], writer: str, supersedes: list[str] | None = None) -> tuple[str, dict]:
+        """Write data files ``{key: (shape, dtype, fill)}``, then the commit record (the commit point)."""
         name = f"seg-{writer}-{time.time_ns()}-{uuid.uuid4().hex[:6]}"
-        files = {}
-        for key, array in arrays.items():
-            data = _npy_bytes(array)
-            fname = f"{name}.{key}.npy"
-            _atomic_write(self.segments_dir / fname, data)
-            files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        files = {f"{name}.{key}.npy": _write_npy(self.segments_dir / f"{name}.{key}.npy", *part) for key, part in parts.items()}
         _fsync_dir(self.segments_dir)
-        record = {"rows": len(arrays["index"]), "files": files, "supersedes": supersedes or []}
+        record = {"rows": parts["index"][0][0], "files": files, "supersedes": supersedes or []}
         _atomic_write(self.segments_dir / f"{name}.json", json.dumps(record).encode())
         _fsync_dir(self.segments_dir)
-        return name
+        return name, record
 
     def _extend_lookup(self, idx: np.ndarray, sid: int) -> None:
         n = int(idx.max()) + 1 if len(idx) else 0
@@ -312,15 +339,21 @@ class TeacherCache:
         if len(self._segments) > 1:
             idx = self.indices
             segs, rows = self._seg_of[idx], self._row_of[idx]
-            merged = {}
-            for key in self._segments[0]:
-                out = np.empty((len(idx),) + self._segments[0][key].shape[1:], dtype=self._segments[0][key].dtype)
-                for sid, seg in enumerate(self._segments):
-                    sel = np.flatnonzero(segs == sid)
-                    out[sel] = seg[key][rows[sel]]
-                merged[key] = out
+            order = np.argsort(segs, kind="stable")
+            bounds = np.searchsorted(segs[order], np.arange(len(self._segments) + 1))
+
+            def gather(key: str) -> Callable[[np.ndarray], None]:
+                def fill(out: np.ndarray) -> None:  # segment by segment: memory stays at one segment's rows
+                    for sid, seg in enumerate(self._segments):
+                        sel = order[bounds[sid] : bounds[sid + 1]]
+                        out[sel] = seg[key][rows[sel]]
+
+                return fill
+
+            first = self._segments[0]
+            parts = {key: ((len(idx),) + first[key].shape[1:], first[key].dtype, gather(key)) for key in first}
             old = list(self._names)
-            self._commit(merged, writer, supersedes=old)
+            self._commit(parts, writer, supersedes=old)
             for name in old:
                 (self.segments_dir / f"{name}.json").unlink(missing_ok=True)
             _fsync_dir(self.segments_dir)

@@ -54,6 +54,7 @@ def make_datamodule(teacher, cache_dir, budget, **kw):
     from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
 
     kw.setdefault("progress", False)
+    kw.setdefault("commit_seconds", 0.0)  # commit after every teacher batch: the tests count per batch
     return CachedTeacherDataModule(CIFAR10DataModule(batch_size=32), teacher, budget=budget, cache_dir=str(cache_dir), **kw)
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from types import SimpleNamespace
 import warnings
 from pathlib import Path
@@ -69,6 +70,7 @@ def fill_cache(
     budget: TeacherBudget,
     *,
     batch_size: int = 500,
+    commit_seconds: float = 1.0,
     device: torch.device | str | None = None,
     writer: str = "main",
     progress: bool = True,
@@ -77,8 +79,10 @@ def fill_cache(
     """Run ``teacher`` once on every sample of ``dataset`` and commit its outputs; returns samples queried.
 
     Each batch is reserved in ``budget`` before the call (raising :class:`TeacherBudgetExceeded` before any
-    call that would exceed it), validated (shape, finite values) before anything is stored, committed as one
-    cache segment, then committed in the budget. A call that raises is released; its batch stays missing.
+    call that would exceed it) and validated (shape, finite values) right after it, before anything is stored.
+    Valid outputs are committed as one cache segment every ``commit_seconds`` (0: after every batch), and when
+    the fill stops for any reason, an error included: only a hard kill loses the outputs of the last
+    ``commit_seconds``, and those stay counted in the budget as lost. A call that raises is released.
     """
     if len(dataset) > budget.remaining:
         raise TeacherBudgetExceeded(
@@ -86,23 +90,40 @@ def fill_cache(
             f"{budget.total} remain ({budget.used} used). No call was made."
         )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    calls = 0
+    pending: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+
+    def commit() -> None:
+        chunk = pending[:]
+        pending.clear()
+        if chunk:
+            cache.write(torch.cat([c[0] for c in chunk]), torch.cat([c[1] for c in chunk]), writer=writer)
+            for *_, token in chunk:
+                budget.commit(token)
+
+    calls, last_commit = 0, time.perf_counter()
     bar = tqdm(total=len(dataset), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
-    with bar:
-        for batch in loader:
-            x = batch["input"] if device is None else batch["input"].to(device, non_blocking=True)
-            token = budget.reserve(len(x))
-            try:
-                with torch.inference_mode():
-                    logits = teacher(x)
-            except BaseException:
-                budget.release(token)
-                raise
-            calls += len(x)
-            cache.write(batch["index"], logits, writer=writer)  # validates before storing anything
-            budget.commit(token)
-            bar.set_postfix_str(f"budget {budget.used}/{budget.total}", refresh=False)
-            bar.update(len(x))
+    try:
+        with bar:
+            for batch in loader:
+                x = batch["input"] if device is None else batch["input"].to(device, non_blocking=True)
+                token = budget.reserve(len(x))
+                try:
+                    with torch.inference_mode():
+                        logits = teacher(x)
+                except BaseException:
+                    budget.release(token)
+                    raise
+                calls += len(x)
+                logits = logits.detach().to("cpu", torch.float32)
+                cache.validate(batch["index"].numpy(), logits)  # a paid call with bad outputs stays counted
+                pending.append((batch["index"], logits, token))
+                if time.perf_counter() - last_commit >= commit_seconds:
+                    commit()
+                    last_commit = time.perf_counter()
+                bar.set_postfix_str(f"budget {budget.used}/{budget.total}", refresh=False)
+                bar.update(len(x))
+    finally:
+        commit()  # outputs already paid for are kept even when the fill stops on an error
     return calls
 
 
@@ -168,6 +189,8 @@ class CachedTeacherDataModule(IndexedDataModule):
         dtype / topk: cache storage ("float32", "float16", or "topk" with ``topk`` classes kept).
         teacher_normalize: give the teacher normalized inputs (False: RGB in [0, 1], the shared teacher's
             contract; the student always gets normalized inputs).
+        fill_batch_size / commit_seconds: teacher batch size; outputs are committed to disk every
+            ``commit_seconds`` (a hard kill loses at most that much teacher work; 0 commits every batch).
         group_size: 1 serves samples; k >= 2 serves CKD tuples of k samples, ``max_tuples`` drawn once.
         strict: if lost outputs leave too little budget to cover the selection, raise instead of training on
             the samples that have outputs.
@@ -187,6 +210,7 @@ class CachedTeacherDataModule(IndexedDataModule):
         topk: int | None = None,
         teacher_normalize: bool = False,
         fill_batch_size: int = 500,
+        commit_seconds: float = 1.0,
         group_size: int = 1,
         max_tuples: int = 100_000,
         batch_size: int | None = None,
@@ -202,7 +226,7 @@ class CachedTeacherDataModule(IndexedDataModule):
         # Read options from `self.h`, not `self.hparams` (LightningCLI rewrites hparams of nested DataModules).
         self.h = SimpleNamespace(
             budget=budget, cache_dir=cache_dir, selection=selection, view=view, val_fraction=val_fraction, seed=seed,
-            dtype=dtype, topk=topk, teacher_normalize=teacher_normalize, fill_batch_size=fill_batch_size,
+            dtype=dtype, topk=topk, teacher_normalize=teacher_normalize, fill_batch_size=fill_batch_size, commit_seconds=commit_seconds,
             group_size=group_size, max_tuples=max_tuples, strict=strict, progress=progress,
         )
         if view not in ("augmented", "clean"):
@@ -297,7 +321,7 @@ class CachedTeacherDataModule(IndexedDataModule):
                 shard, "fixed" if h.view == "augmented" else "eval", normalize=h.teacher_normalize, seed=h.seed
             )
             self.last_fill_calls = fill_cache(
-                teacher, dataset, cache, budget, batch_size=h.fill_batch_size, device=device,
+                teacher, dataset, cache, budget, batch_size=h.fill_batch_size, commit_seconds=h.commit_seconds, device=device,
                 writer=f"{budget.writer}-rank{rank}", progress=h.progress and rank == 0,
                 desc=f"teacher outputs ({len(missing)} missing" + (f", {len(shard)} on rank {rank} of {world})" if world > 1 else ")"),
             )

@@ -243,3 +243,13 @@ def test_resume_from_a_checkpoint_keeps_the_budget_even_if_the_ledger_is_gone(tm
     with pytest.raises(TeacherBudgetExceeded, match="only 0 of the budget 64 remain"):
         trainer().fit(KnowledgeDistillation(student="resnet8"), make_datamodule(teacher, tmp_path / "cache", 64), ckpt_path=ckpt)
     assert teacher.calls == 0
+
+
+def test_chunked_commits_keep_every_paid_output_when_the_teacher_fails(tmp_path):
+    failing = CountingTeacher(fail_at=4)
+    dm = make_datamodule(failing, tmp_path, BUDGET, fill_batch_size=64, commit_seconds=3600)
+    with pytest.raises(RuntimeError, match="call 4"):
+        dm.fill()
+    cache = TeacherCache(tmp_path)
+    assert len(cache) == 3 * 64 and len(cache._names) == 1  # three batches, committed together on the error
+    assert TeacherBudget(BUDGET, tmp_path).used == 3 * 64
