@@ -23,7 +23,6 @@ their total probability mass at T = 1 is preserved: r = logsumexp(rest) - log(C 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,14 +11,6 @@ from torch import nn
 from lightning_kd.models import create_model
 from lightning_kd.reparam import ConvBranches, WideConv2d, expand, extract_student
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small CPU convs: one intra-op thread avoids OpenMP oversubscription on shared runners."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class BranchNet(nn.Module):

@@ -9,7 +9,6 @@ depthwise convs are too slow on CPU to do that for the timm models.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import timm
@@ -28,14 +27,6 @@ from lightning_kd.reparam import (
     wide_channels,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small CPU convs: one intra-op thread avoids OpenMP oversubscription on shared runners."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 MODELS = ["resnet8", "resnet20", "resnet8x4", "resnet18", "mobilenetv2_050"]
 
