@@ -131,6 +131,7 @@ def report(out: Path) -> str:
             b_, mean, std = zip(*pts)
             ax.errorbar(b_, mean, yerr=std, marker="o", capsize=3, label=m, lw=2 if m == "ckd" else 1)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("teacher budget (training images with teacher outputs)")
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
