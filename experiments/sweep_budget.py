@@ -70,18 +70,32 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
     dm = _datamodule(budget, seed, 2 if method == "ckd" else 1, cache_root, cfg["batch_size"])
     ckpt = ModelCheckpoint(dirpath=out / "ckpt" / f"{budget}-{method}-{seed}", monitor="val/acc", mode="max")
     trainer = L.Trainer(
-        max_epochs=cfg["epochs"], accelerator="cpu", devices=1, logger=False, callbacks=[ckpt],
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        max_epochs=cfg["epochs"],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     start = time.perf_counter()
     trainer.fit(model, dm)
     fit_s = time.perf_counter() - start
     test = trainer.test(model, dm, ckpt_path="best", verbose=False)[0]
     result = {
-        "budget": budget, "method": method, "seed": seed, "test_acc": test["test/acc"],
-        "best_val_acc": float(ckpt.best_model_score), "epochs": cfg["epochs"], "steps": trainer.global_step,
-        "student": cfg["student"], "fit_seconds": round(fit_s, 1), "new_teacher_calls": dm.new_teacher_calls,
-        "train_samples": len(dm.train_indices), "protocol": cfg,
+        "budget": budget,
+        "method": method,
+        "seed": seed,
+        "test_acc": test["test/acc"],
+        "best_val_acc": float(ckpt.best_model_score),
+        "epochs": cfg["epochs"],
+        "steps": trainer.global_step,
+        "student": cfg["student"],
+        "fit_seconds": round(fit_s, 1),
+        "new_teacher_calls": dm.new_teacher_calls,
+        "train_samples": len(dm.train_indices),
+        "protocol": cfg,
     }
     Path(ckpt.best_model_path).unlink(missing_ok=True)
     path = out / "runs" / f"{budget}-{method}-{seed}.json"
@@ -115,7 +129,10 @@ def report(out: Path) -> str:
                 cells.append("–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     wall = sum(r["fit_seconds"] for r in runs)
-    table = "\n".join(lines) + f"\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds; {len(runs)} runs, {wall / 3600:.2f} h of fit time in all.\n"
+    table = (
+        "\n".join(lines)
+        + f"\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds; {len(runs)} runs, {wall / 3600:.2f} h of fit time in all.\n"
+    )
     (out / "table.md").write_text(table)
     (out / "table.csv").write_text("\n".join(csv) + "\n")
 
@@ -174,7 +191,10 @@ def main() -> None:
         _datamodule(max(args.budgets), seed, 1, cache_root, 64, progress=True).fill()
 
     todo = [
-        (b, m, s) for s in args.seeds for b in args.budgets for m in args.methods
+        (b, m, s)
+        for s in args.seeds
+        for b in args.budgets
+        for m in args.methods
         if not (out / "runs" / f"{b}-{m}-{s}.json").exists()
     ]
     print(f"{len(todo)} runs to do ({args.workers} workers x {args.threads} threads); results in {out}")
@@ -183,8 +203,11 @@ def main() -> None:
         futures = {pool.submit(run_one, b, m, s, cfg, out, cache_root, args.threads): (b, m, s) for b, m, s in todo}
         for fut in as_completed(futures):
             r = fut.result()
-            print(f"budget {r['budget']:5d} {r['method']:7s} seed {r['seed']}: test acc {100 * r['test_acc']:.2f}% "
-                  f"({r['fit_seconds']:.0f} s, {r['new_teacher_calls']} new teacher calls)", flush=True)
+            print(
+                f"budget {r['budget']:5d} {r['method']:7s} seed {r['seed']}: test acc {100 * r['test_acc']:.2f}% "
+                f"({r['fit_seconds']:.0f} s, {r['new_teacher_calls']} new teacher calls)",
+                flush=True,
+            )
             report(out)
     print(report(out))
 

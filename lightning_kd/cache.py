@@ -155,7 +155,9 @@ class TeacherCache:
             else:
                 self.spec = stored
         elif spec is None:
-            raise FileNotFoundError(f"no teacher cache at {self.directory} (manifest.json missing) and no spec to create one")
+            raise FileNotFoundError(
+                f"no teacher cache at {self.directory} (manifest.json missing) and no spec to create one"
+            )
         else:
             self._create(spec)
         self.verify = verify
@@ -259,7 +261,9 @@ class TeacherCache:
         idx = np.asarray(indices, dtype=np.int64)
         missing = idx[~self.contains(idx)]
         if len(missing):
-            raise KeyError(f"no cached teacher outputs for dataset indices {missing[:10].tolist()} ({len(missing)} in all)")
+            raise KeyError(
+                f"no cached teacher outputs for dataset indices {missing[:10].tolist()} ({len(missing)} in all)"
+            )
         segs, rows = self._seg_of[idx], self._row_of[idx]
         if len(self._segments) == 1:
             return self._decode(self._segments[0], rows)
@@ -280,17 +284,23 @@ class TeacherCache:
         """Raise ValueError (before anything is stored) for wrong shapes, non-finite values or re-used indices."""
         n, c = len(indices), self.spec.num_classes
         if logits.ndim != 2 or logits.shape != (n, c):
-            raise ValueError(f"teacher outputs have shape {tuple(logits.shape)}, expected ({n}, {c}) logits for {n} samples")
+            raise ValueError(
+                f"teacher outputs have shape {tuple(logits.shape)}, expected ({n}, {c}) logits for {n} samples"
+            )
         if not torch.isfinite(logits).all():
             bad = (~torch.isfinite(logits)).any(1).nonzero().flatten()[:10]
-            raise ValueError(f"teacher outputs contain NaN/inf for dataset indices {np.asarray(indices)[bad.numpy()].tolist()}")
+            raise ValueError(
+                f"teacher outputs contain NaN/inf for dataset indices {np.asarray(indices)[bad.numpy()].tolist()}"
+            )
         if n == 0:
             raise ValueError("no outputs to write")
         if len(np.unique(indices)) != n:
             raise ValueError("duplicate dataset indices in one write")
         present = np.asarray(indices)[self.contains(indices)]
         if len(present):
-            raise ValueError(f"dataset indices {present[:10].tolist()} already have cached outputs; they are never overwritten")
+            raise ValueError(
+                f"dataset indices {present[:10].tolist()} already have cached outputs; they are never overwritten"
+            )
 
     def write(self, indices: np.ndarray | torch.Tensor, logits: torch.Tensor, writer: str = "main") -> str:
         """Validate and atomically commit one segment of outputs; returns the segment name."""
@@ -302,7 +312,9 @@ class TeacherCache:
             arrays = {"index": idx, "values": values, "topi": topi}
         else:
             arrays = {"index": idx, "values": logits.numpy().astype(self.spec.dtype)}
-        name, record = self._commit({k: (v.shape, v.dtype, lambda out, v=v: out.__setitem__(..., v)) for k, v in arrays.items()}, writer)
+        name, record = self._commit(
+            {k: (v.shape, v.dtype, lambda out, v=v: out.__setitem__(..., v)) for k, v in arrays.items()}, writer
+        )
         self._verified.update(record["files"])
         self._segments.append(self._open_segment(record))
         self._names.append(name)
@@ -312,7 +324,10 @@ class TeacherCache:
     def _commit(self, parts: dict[str, tuple], writer: str, supersedes: list[str] | None = None) -> tuple[str, dict]:
         """Write data files ``{key: (shape, dtype, fill)}``, then the commit record (the commit point)."""
         name = f"seg-{writer}-{time.time_ns()}-{uuid.uuid4().hex[:6]}"
-        files = {f"{name}.{key}.npy": _write_npy(self.segments_dir / f"{name}.{key}.npy", *part) for key, part in parts.items()}
+        files = {
+            f"{name}.{key}.npy": _write_npy(self.segments_dir / f"{name}.{key}.npy", *part)
+            for key, part in parts.items()
+        }
         _fsync_dir(self.segments_dir)
         record = {"rows": parts["index"][0][0], "files": files, "supersedes": supersedes or []}
         _atomic_write(self.segments_dir / f"{name}.json", json.dumps(record).encode())
@@ -365,4 +380,3 @@ class TeacherCache:
     def __repr__(self) -> str:
         s = self.spec
         return f"TeacherCache({str(self.directory)!r}, {len(self)} outputs, dtype={s.dtype}, classes={s.num_classes})"
-

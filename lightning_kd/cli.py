@@ -52,7 +52,9 @@ def main(args: list[str] | None = None) -> None:
 
         cli = LKDCLI(run=False, args=args[1:])
         if not isinstance(cli.datamodule, CachedTeacherDataModule):
-            raise SystemExit(f"lkd cache needs a CachedTeacherDataModule in `data`, got {type(cli.datamodule).__name__}")
+            raise SystemExit(
+                f"lkd cache needs a CachedTeacherDataModule in `data`, got {type(cli.datamodule).__name__}"
+            )
         cli.datamodule.fill()
         return
     cli = LKDCLI(args=args, save_config_kwargs={"overwrite": True})

@@ -47,7 +47,11 @@ class StudentExtraction(L.Callback):
         self.path = directory / self.filename
         torch.save(
             {
-                "hyper_parameters": {"student": h.student, "num_classes": h.num_classes, "model_kwargs": h.model_kwargs},
+                "hyper_parameters": {
+                    "student": h.student,
+                    "num_classes": h.num_classes,
+                    "model_kwargs": h.model_kwargs,
+                },
                 "state_dict": {f"student.{k}": v for k, v in self.student.state_dict().items()},
             },
             self.path,
@@ -68,6 +72,8 @@ class StudentExtraction(L.Callback):
         metrics = {"extracted/val_acc": float(acc.compute()), "extracted/max_abs_diff": max_diff}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        print(f"[lightning_kd] extracted student -> {self.path}: val acc {metrics['extracted/val_acc']:.4f}, "
-              f"max |extracted - student view| = {max_diff:.2e}")
+        print(
+            f"[lightning_kd] extracted student -> {self.path}: val acc {metrics['extracted/val_acc']:.4f}, "
+            f"max |extracted - student view| = {max_diff:.2e}"
+        )
         self.metrics = metrics

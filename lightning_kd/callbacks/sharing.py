@@ -18,7 +18,9 @@ class SharingViolation(RuntimeError):
 def _dynamic_teacher(pl_module: L.LightningModule) -> DynamicTeacher:
     dt = getattr(pl_module, "dynamic_teacher", None)
     if not isinstance(dt, DynamicTeacher):
-        raise TypeError(f"DynamicTeacherSharing needs a module with a `dynamic_teacher`, got {type(pl_module).__name__}")
+        raise TypeError(
+            f"DynamicTeacherSharing needs a module with a `dynamic_teacher`, got {type(pl_module).__name__}"
+        )
     return dt
 
 
@@ -38,8 +40,8 @@ class DynamicTeacherSharing(L.Callback):
     LightningModule belongs to the dynamic teacher (no separate student copy for an optimizer to update). Every
     ``check_every_n_steps`` optimizer steps, and at the end of fit, it computes the student's tensors from the
     DT (they must be finite) and, under DDP/FSDP, checks that every rank holds the same DT and student
-    parameters (a digest all-gathered across ranks; BN running statistics are per rank). Under FSDP it works on the full parameters (``summon_full_params``).
-    A violation raises :class:`SharingViolation`.
+    parameters (a digest all-gathered across ranks; BN running statistics are per rank). Under FSDP it works on
+    the full parameters (``summon_full_params``). A violation raises :class:`SharingViolation`.
     """
 
     def __init__(self, check_every_n_steps: int = 100) -> None:
@@ -53,7 +55,9 @@ class DynamicTeacherSharing(L.Callback):
             raise SharingViolation(f"trainable parameters outside the dynamic teacher: {outside[:5]}")
         self.check(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if self.check_every_n_steps and trainer.global_step % self.check_every_n_steps == 0:
             self.check(trainer, pl_module)
 
@@ -71,7 +75,9 @@ class DynamicTeacherSharing(L.Callback):
             # Parameters only: BN running statistics legitimately differ between ranks (each sees its own data;
             # DDP re-broadcasts rank zero's at the next forward).
             params = {n for n, _ in dt.student_template.named_parameters()}
-            digest = _digest(dict(dt.named_parameters()) | {f"student.{k}": v for k, v in student.items() if k in params})
+            digest = _digest(
+                dict(dt.named_parameters()) | {f"student.{k}": v for k, v in student.items() if k in params}
+            )
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
             gathered: list[bytes | None] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, digest)

@@ -57,7 +57,9 @@ class IndexedImages(Dataset):
         if self.view == "train":
             images = T.crop_flip(images, self.padding, *T.crop_flip_params(len(index), self.padding))
         elif self.view == "fixed":
-            images = T.crop_flip(images, self.padding, *T.crop_flip_params(len(index), self.padding, index=index, seed=self.seed))
+            images = T.crop_flip(
+                images, self.padding, *T.crop_flip_params(len(index), self.padding, index=index, seed=self.seed)
+            )
         x = T.to_float(images)
         if self.normalize:
             x = T.normalize(x, self.mean, self.std)

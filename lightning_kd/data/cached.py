@@ -225,9 +225,21 @@ class CachedTeacherDataModule(IndexedDataModule):
         self.save_hyperparameters(ignore=["datamodule", "teacher"])
         # Read options from `self.h`, not `self.hparams` (LightningCLI rewrites hparams of nested DataModules).
         self.h = SimpleNamespace(
-            budget=budget, cache_dir=cache_dir, selection=selection, view=view, val_fraction=val_fraction, seed=seed,
-            dtype=dtype, topk=topk, teacher_normalize=teacher_normalize, fill_batch_size=fill_batch_size, commit_seconds=commit_seconds,
-            group_size=group_size, max_tuples=max_tuples, strict=strict, progress=progress,
+            budget=budget,
+            cache_dir=cache_dir,
+            selection=selection,
+            view=view,
+            val_fraction=val_fraction,
+            seed=seed,
+            dtype=dtype,
+            topk=topk,
+            teacher_normalize=teacher_normalize,
+            fill_batch_size=fill_batch_size,
+            commit_seconds=commit_seconds,
+            group_size=group_size,
+            max_tuples=max_tuples,
+            strict=strict,
+            progress=progress,
         )
         if view not in ("augmented", "clean"):
             raise ValueError(f"view must be 'augmented' or 'clean', got {view!r}")
@@ -307,8 +319,10 @@ class CachedTeacherDataModule(IndexedDataModule):
                 "to earlier runs that died between a teacher call and its commit)"
             )
             if h.strict or len(missing) == len(self.selected):
-                raise TeacherBudgetExceeded(msg + (". strict=True: stopping." if h.strict else ": no sample to train on."))
-            warnings.warn(msg + f". Training on the samples that have outputs (up to {len(self.selected) - len(missing) + budget.remaining}).")
+                why = ". strict=True: stopping." if h.strict else ": no sample to train on."
+                raise TeacherBudgetExceeded(msg + why)
+            usable = len(self.selected) - len(missing) + budget.remaining
+            warnings.warn(msg + f". Training on the samples that have outputs (up to {usable}).")
             missing = missing[: budget.remaining]
         shard = missing[rank::world]
         budget.quota = len(shard)
@@ -320,10 +334,18 @@ class CachedTeacherDataModule(IndexedDataModule):
             dataset = self.datamodule.make_dataset(
                 shard, "fixed" if h.view == "augmented" else "eval", normalize=h.teacher_normalize, seed=h.seed
             )
+            where = f", {len(shard)} on rank {rank} of {world}" if world > 1 else ""
             self.last_fill_calls = fill_cache(
-                teacher, dataset, cache, budget, batch_size=h.fill_batch_size, commit_seconds=h.commit_seconds, device=device,
-                writer=f"{budget.writer}-rank{rank}", progress=h.progress and rank == 0,
-                desc=f"teacher outputs ({len(missing)} missing" + (f", {len(shard)} on rank {rank} of {world})" if world > 1 else ")"),
+                teacher,
+                dataset,
+                cache,
+                budget,
+                batch_size=h.fill_batch_size,
+                commit_seconds=h.commit_seconds,
+                device=device,
+                writer=f"{budget.writer}-rank{rank}",
+                progress=h.progress and rank == 0,
+                desc=f"teacher outputs ({len(missing)} missing{where})",
             )
         self._barrier()
         cache.refresh()
@@ -398,7 +420,9 @@ class CachedTeacherDataModule(IndexedDataModule):
         # An epoch is ceil(train samples / batch) batches of tuples, freshly drawn from the pre-sampled tuples.
         steps = math.ceil(len(self.train_indices) / self.batch_size)
         sampler = RandomSampler(ds, num_samples=min(steps * self.batch_size, len(ds)))
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=collate)
+        return DataLoader(
+            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=collate
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.datamodule.make_dataset(self.val_indices, "eval"), train=False)

@@ -92,7 +92,9 @@ def _load_torchvision(root: Path, download: bool) -> dict[str, np.ndarray]:
     }
 
 
-def load_cifar10(data_dir: str | Path | None = None, cache_dir: str | Path | None = None, download: bool = True) -> dict[str, np.ndarray]:
+def load_cifar10(
+    data_dir: str | Path | None = None, cache_dir: str | Path | None = None, download: bool = True
+) -> dict[str, np.ndarray]:
     """Arrays ``train_x``/``test_x`` uint8 (N, 32, 32, 3), ``train_y``/``test_y`` int64, and a ``source`` digest.
 
     Looks for ``cifar10_jpeg.npz`` in ``data_dir`` (default :func:`default_data_dir`); without it falls back to
@@ -172,8 +174,14 @@ class CIFAR10DataModule(IndexedDataModule):
         """A dataset over training-split rows ``indices`` (views: see :class:`IndexedImages`)."""
         self.setup()
         return IndexedImages(
-            self._train_x, self._train_y, indices, view=view, normalize=normalize,
-            mean=CIFAR10_MEAN, std=CIFAR10_STD, seed=seed,
+            self._train_x,
+            self._train_y,
+            indices,
+            view=view,
+            normalize=normalize,
+            mean=CIFAR10_MEAN,
+            std=CIFAR10_STD,
+            seed=seed,
         )
 
     def test_dataset(self) -> IndexedImages:

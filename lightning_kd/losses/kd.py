@@ -56,9 +56,7 @@ def hinton_kd_loss(
     return alpha * F.cross_entropy(student_logits, target) + (1.0 - alpha) * kd
 
 
-def soft_cross_entropy(
-    logits: torch.Tensor, soft_targets: torch.Tensor, label_smoothing: float = 0.0
-) -> torch.Tensor:
+def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """−Σ_c q'_c · log softmax(z)_c averaged over the batch, with q' = (1 − ε)·q + ε/C.
 
     This is GPD's ``sce`` distillation term (``LabelSmoothingCrossEntropy`` in GPD ``CNN/gpd_utils.py``:

@@ -33,9 +33,7 @@ def _angles(x: torch.Tensor) -> torch.Tensor:
     return diff @ diff.transpose(1, 2)
 
 
-def rkd_loss(
-    student: torch.Tensor, teacher: torch.Tensor, w_dist: float = 25.0, w_angle: float = 50.0
-) -> torch.Tensor:
+def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, w_dist: float = 25.0, w_angle: float = 50.0) -> torch.Tensor:
     """RKD (Park et al., CVPR 2019): ``w_dist · L_D + w_angle · L_A``, distance-wise + angle-wise Huber losses.
 
     L_D compares mean-normalized pairwise distances, L_A the cosines of all triplet angles; the Huber penalty is

@@ -44,9 +44,7 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs; ``forward`` returns logits."""
 
-    def __init__(
-        self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 10
-    ) -> None:
+    def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 10) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -68,9 +66,7 @@ class CifarResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @staticmethod
-    def _make_stage(
-        in_channels: int, out_channels: int, blocks: int, stride: int
-    ) -> nn.Sequential:
+    def _make_stage(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
         layers = [BasicBlock(in_channels, out_channels, stride)]
         layers += [BasicBlock(out_channels, out_channels) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)

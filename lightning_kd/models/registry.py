@@ -52,7 +52,4 @@ def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         return _ZOO[name](num_classes=num_classes, **kwargs)
     if timm.is_model(name):
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    raise ValueError(
-        f"unknown model {name!r}: not in the zoo ({', '.join(list_models())}) "
-        "and also unknown to timm"
-    )
+    raise ValueError(f"unknown model {name!r}: not in the zoo ({', '.join(list_models())}) and also unknown to timm")

@@ -19,9 +19,7 @@ from lightning_kd.models.registry import register_model
 class WideBasicBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3, plus the (projected) input."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, stride: int, drop_rate: float = 0.0
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.relu1 = nn.ReLU(inplace=False)
@@ -47,9 +45,7 @@ class WideBasicBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-widen_factor for 32x32 inputs; ``forward`` returns logits."""
 
-    def __init__(
-        self, depth: int, widen_factor: int, num_classes: int = 10, drop_rate: float = 0.0
-    ) -> None:
+    def __init__(self, depth: int, widen_factor: int, num_classes: int = 10, drop_rate: float = 0.0) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
@@ -74,13 +70,9 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @staticmethod
-    def _make_stage(
-        in_channels: int, out_channels: int, blocks: int, stride: int, drop_rate: float
-    ) -> nn.Sequential:
+    def _make_stage(in_channels: int, out_channels: int, blocks: int, stride: int, drop_rate: float) -> nn.Sequential:
         layers = [WideBasicBlock(in_channels, out_channels, stride, drop_rate)]
-        layers += [
-            WideBasicBlock(out_channels, out_channels, 1, drop_rate) for _ in range(blocks - 1)
-        ]
+        layers += [WideBasicBlock(out_channels, out_channels, 1, drop_rate) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,4 +6,10 @@ from lightning_kd.modules.gpd import GapPreservingDistillation
 from lightning_kd.modules.kd import KnowledgeDistillation
 from lightning_kd.modules.supervised import Supervised
 
-__all__ = ["ComparativeDistillation", "GapPreservingDistillation", "KnowledgeDistillation", "StudentModule", "Supervised"]
+__all__ = [
+    "ComparativeDistillation",
+    "GapPreservingDistillation",
+    "KnowledgeDistillation",
+    "StudentModule",
+    "Supervised",
+]

@@ -75,7 +75,9 @@ class StudentModule(L.LightningModule):
         h = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         if h.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, nesterov=h.nesterov, weight_decay=h.weight_decay)
+            opt = torch.optim.SGD(
+                params, lr=h.lr, momentum=h.momentum, nesterov=h.nesterov, weight_decay=h.weight_decay
+            )
         elif h.optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
         else:

@@ -43,7 +43,9 @@ class ComparativeDistillation(StudentModule):
         x, z_t, y = batch["input"], batch["teacher_logits"], batch["target"]
         if h.pairing == "in_batch":
             if x.ndim != 4:
-                raise ValueError(f"pairing='in_batch' needs plain batches (B, C, H, W); got {tuple(x.shape)}: set group_size: 1")
+                raise ValueError(
+                    f"pairing='in_batch' needs plain batches (B, C, H, W); got {tuple(x.shape)}: set group_size: 1"
+                )
             z_s = self(x)
             onehot = F.one_hot(y, z_s.shape[1]).to(z_s.dtype)
             loss = h.w_rel * in_batch_comparative_loss(z_s, z_t) + h.w_cls * in_batch_comparative_loss(z_s, onehot)
@@ -58,8 +60,16 @@ class ComparativeDistillation(StudentModule):
         p = k - k // 2
         z_s = self(x.flatten(0, 1)).view(b, k, -1)
         loss = comparative_kd_loss(
-            z_s[:, :p], z_s[:, p:], z_t[:, :p], z_t[:, p:], y[:, :p], y[:, p:],
-            variant=h.variant, temperature=h.temperature, w_rel=h.w_rel, w_cls=h.w_cls,
+            z_s[:, :p],
+            z_s[:, p:],
+            z_t[:, :p],
+            z_t[:, p:],
+            y[:, :p],
+            y[:, p:],
+            variant=h.variant,
+            temperature=h.temperature,
+            w_rel=h.w_rel,
+            w_cls=h.w_cls,
         )
         self.log_train(loss, z_s.flatten(0, 1), y.flatten())
         return loss

@@ -138,8 +138,14 @@ class _WideDense(WideLayer):
     in_copies: torch.Tensor | None
 
     def _init_dense(
-        self, layer: nn.Conv2d | nn.Linear, c_out: int, c_in: int, expand_in: bool, expand_out: bool,
-        ratio: float, noise_std: float,
+        self,
+        layer: nn.Conv2d | nn.Linear,
+        c_out: int,
+        c_in: int,
+        expand_in: bool,
+        expand_out: bool,
+        ratio: float,
+        noise_std: float,
     ) -> tuple[int, int]:
         weight = layer.weight.detach()
         w_out = wide_channels(c_out, ratio) if expand_out else c_out
@@ -535,8 +541,9 @@ def _trace_roles(model: nn.Module, example_input: torch.Tensor) -> dict[str, tup
     return roles
 
 
-def _widen(module: nn.Module, path: str, role: tuple[bool, bool], ratio: float, noise_std: float,
-           branches: bool) -> WideLayer:
+def _widen(
+    module: nn.Module, path: str, role: tuple[bool, bool], ratio: float, noise_std: float, branches: bool
+) -> WideLayer:
     expand_in, expand_out = role
     kind = _layer_kind(module)
     if kind == "conv":
@@ -570,8 +577,10 @@ def _verify(dt: DynamicTeacher, reference: nn.Module, example_input: torch.Tenso
     """Check in eval mode that the student view (and, without noise, the DT) reproduce the student."""
     with _eval_mode(dt, reference):
         expected = reference(example_input)
-        scale = max([1.0] + [t.abs().max().item() for t in tree_flatten(expected)[0]
-                             if isinstance(t, torch.Tensor) and t.numel()])
+        scale = max(
+            [1.0]
+            + [t.abs().max().item() for t in tree_flatten(expected)[0] if isinstance(t, torch.Tensor) and t.numel()]
+        )
         checks = [("student view", dt.forward_student)] + ([("dynamic teacher", dt)] if check_wide else [])
         for name, fn in checks:
             try:
@@ -620,7 +629,10 @@ def expand(
     if example_input is None:
         tensor = next(iter(student.parameters()), None)
         example_input = torch.randn(
-            2, 3, 32, 32,
+            2,
+            3,
+            32,
+            32,
             device=None if tensor is None else tensor.device,
             dtype=None if tensor is None else tensor.dtype,
         )
