@@ -63,12 +63,13 @@ def _fill(cache_dir: str, log: str, budget: str, batch: str, sleep: str) -> None
     dm.fill()
 
 
-def _ddp(out_dir: str, cache_dir: str, budget: str) -> None:
+def _ddp(out_dir: str, cache_dir: str, budget: str, fail_on_rank: str = "") -> None:
     import lightning as L
 
     from lightning_kd.modules import KnowledgeDistillation
 
-    teacher = CountingTeacher()
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    teacher = CountingTeacher(fail_at=2 if fail_on_rank == str(rank) else None)
     dm = make_datamodule(teacher, cache_dir, int(budget), fill_batch_size=50)
     model = KnowledgeDistillation(student="resnet8", lr=0.01)
     trainer = L.Trainer(

@@ -327,27 +327,14 @@ class CachedTeacherDataModule(IndexedDataModule):
         shard = missing[rank::world]
         budget.quota = len(shard)
         self.last_fill_calls = 0
-        if len(missing):
-            device = self._device()
-            if isinstance(teacher, nn.Module) and device is not None:
-                teacher = teacher.to(device)
-            dataset = self.datamodule.make_dataset(
-                shard, "fixed" if h.view == "augmented" else "eval", normalize=h.teacher_normalize, seed=h.seed
-            )
-            where = f", {len(shard)} on rank {rank} of {world}" if world > 1 else ""
-            self.last_fill_calls = fill_cache(
-                teacher,
-                dataset,
-                cache,
-                budget,
-                batch_size=h.fill_batch_size,
-                commit_seconds=h.commit_seconds,
-                device=device,
-                writer=f"{budget.writer}-rank{rank}",
-                progress=h.progress and rank == 0,
-                desc=f"teacher outputs ({len(missing)} missing{where})",
-            )
-        self._barrier()
+        error: BaseException | None = None
+        try:
+            if len(missing):
+                self.last_fill_calls = self._fill_shard(teacher, shard, cache, budget, len(missing), rank, world)
+        except BaseException as err:  # tell the other ranks instead of leaving them waiting at the barrier
+            error = err
+        if self._any_rank_failed(error is not None):
+            raise error or RuntimeError("the teacher-output fill failed on another rank (committed outputs are kept)")
         cache.refresh()
         if rank == 0 and len(cache._names) > 1:
             cache.compact()
@@ -364,6 +351,35 @@ class CachedTeacherDataModule(IndexedDataModule):
                 f"{len(self.train_indices)} samples with cached outputs. Cache {cache.directory}: {b.used} teacher "
                 f"calls recorded in all, {b.lost} lost."
             )
+
+    def _fill_shard(self, teacher, shard, cache, budget, n_missing: int, rank: int, world: int) -> int:
+        h = self.h
+        device = self._device()
+        if isinstance(teacher, nn.Module) and device is not None:
+            teacher = teacher.to(device)
+        view = "fixed" if h.view == "augmented" else "eval"
+        dataset = self.datamodule.make_dataset(shard, view, normalize=h.teacher_normalize, seed=h.seed)
+        where = f", {len(shard)} on rank {rank} of {world}" if world > 1 else ""
+        return fill_cache(
+            teacher,
+            dataset,
+            cache,
+            budget,
+            batch_size=h.fill_batch_size,
+            commit_seconds=h.commit_seconds,
+            device=device,
+            writer=f"{budget.writer}-rank{rank}",
+            progress=h.progress and rank == 0,
+            desc=f"teacher outputs ({n_missing} missing{where})",
+        )
+
+    def _any_rank_failed(self, failed: bool) -> bool:
+        """A collective OR of ``failed`` over ranks (it also serves as the barrier after the fill)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return failed
+        flag = torch.tensor([int(failed)], device=self._device() or "cpu")  # NCCL needs a GPU tensor
+        dist.all_reduce(flag)
+        return bool(flag.item())
 
     def _rank_world(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():

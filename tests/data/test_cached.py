@@ -253,3 +253,18 @@ def test_chunked_commits_keep_every_paid_output_when_the_teacher_fails(tmp_path)
     cache = TeacherCache(tmp_path)
     assert len(cache) == 3 * 64 and len(cache._names) == 1  # three batches, committed together on the error
     assert TeacherBudget(BUDGET, tmp_path).used == 3 * 64
+
+
+@pytest.mark.ddp
+def test_ddp_a_failing_rank_stops_every_rank_and_keeps_committed_outputs(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run(
+        [sys.executable, str(HELPER), "ddp", str(out), str(tmp_path / "cache"), str(BUDGET), "1"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode != 0 and "teacher API failed on call 2" in proc.stderr  # no hang at the barrier
+    cache = TeacherCache(tmp_path / "cache")
+    assert 0 < len(cache) < BUDGET  # rank 0's shard and rank 1's first batch were committed
+    assert TeacherBudget(BUDGET, tmp_path / "cache").used == len(cache)
