@@ -50,6 +50,17 @@ class CountingTeacher:
         return out
 
 
+def run_helper(mode: str, *args, cwd):
+    """Run this file as a script (``mode`` and its arguments) in a fresh process, the package importable."""
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run(
+        [sys.executable, __file__, mode, *map(str, args)], capture_output=True, text=True, timeout=300, env=env, cwd=cwd
+    )
+
+
 def make_datamodule(teacher, cache_dir, budget, **kw):
     from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
 

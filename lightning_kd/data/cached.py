@@ -252,7 +252,7 @@ class CachedTeacherDataModule(IndexedDataModule):
         self.num_classes = datamodule.num_classes
         self.cache: TeacherCache | None = None
         self.budget_state: TeacherBudget | None = None
-        self.last_fill_calls = 0  # samples this process ran the teacher on in the last setup
+        self.last_fill_calls = 0  # samples this process ran the teacher on in its fill
         self._checkpoint_budget: dict[str, int] = {}
 
     # -- plan ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from lightning_kd.cache import TeacherCache
 from lightning_kd.data import fill_cache, select_samples
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from teachers_for_tests import CountingTeacher, make_datamodule, teacher_function  # noqa: E402
+from teachers_for_tests import CountingTeacher, make_datamodule, run_helper, teacher_function  # noqa: E402
 
 HELPER = Path(__file__).parents[1] / "teachers_for_tests.py"
 BUDGET = 300
@@ -208,11 +207,7 @@ def test_ckd_tuples_batches_are_groups_of_cached_samples(tmp_path):
 def test_ddp_two_processes_fill_disjoint_shards_and_see_the_same_cache(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    proc = subprocess.run(
-        [sys.executable, str(HELPER), "ddp", str(out), str(tmp_path / "cache"), str(BUDGET)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )
+    proc = run_helper("ddp", out, tmp_path / "cache", BUDGET, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["calls"] + r1["calls"] == BUDGET and r0["calls"] > 0 and r1["calls"] > 0
@@ -259,11 +254,7 @@ def test_chunked_commits_keep_every_paid_output_when_the_teacher_fails(tmp_path)
 def test_ddp_a_failing_rank_stops_every_rank_and_keeps_committed_outputs(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    proc = subprocess.run(
-        [sys.executable, str(HELPER), "ddp", str(out), str(tmp_path / "cache"), str(BUDGET), "1"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )
+    proc = run_helper("ddp", out, tmp_path / "cache", BUDGET, 1, cwd=tmp_path)
     assert proc.returncode != 0 and "teacher API failed on call 2" in proc.stderr  # no hang at the barrier
     cache = TeacherCache(tmp_path / "cache")
     assert 0 < len(cache) < BUDGET  # rank 0's shard and rank 1's first batch were committed

@@ -135,15 +135,10 @@ def test_supervised_checkpoint_loads_as_a_teacher(tmp_path):
 def test_gpd_under_ddp_keeps_sharing_and_extracts_the_same_student_on_every_rank(tmp_path):
     import hashlib
     import json
-    import os
-    import subprocess
 
-    helper = Path(__file__).parents[1] / "teachers_for_tests.py"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    proc = subprocess.run(
-        [sys.executable, str(helper), "gpd_ddp", str(tmp_path), str(tmp_path / "cache"), "128"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )
+    from teachers_for_tests import run_helper
+
+    proc = run_helper("gpd_ddp", tmp_path, tmp_path / "cache", 128, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]  # DynamicTeacherSharing raises if ranks disagree
     r0, r1 = (json.loads((tmp_path / f"gpd_rank{r}.json").read_text()) for r in (0, 1))
     # identical parameters on both ranks (BN running statistics are per rank, as in any DDP run)
