@@ -416,7 +416,7 @@ def bench_fill(teacher, samples: int, batch_size: int, device, warmup: int, repe
     import torch
     from torch.utils.data import DataLoader
 
-    from lightning_kd.budget import TeacherBudget
+    from lightning_kd.cache import TeacherBudget
     from lightning_kd.cache import CacheSpec, TeacherCache
     from lightning_kd.data import CIFAR10DataModule
     from lightning_kd.data.base import collate

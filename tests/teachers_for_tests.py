@@ -38,7 +38,9 @@ class CountingTeacher:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.invocations += 1
         if self.fail_at == self.invocations:
-            raise RuntimeError(f"teacher API failed on call {self.invocations}")
+            from lightning_kd.teachers import TeacherCallError
+
+            raise TeacherCallError(f"teacher API failed on call {self.invocations}", processed=False)
         time.sleep(self.sleep)
         out = teacher_function(x)
         self.calls += len(x)
@@ -65,7 +67,6 @@ def make_datamodule(teacher, cache_dir, budget, **kw):
     from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
 
     kw.setdefault("progress", False)
-    kw.setdefault("commit_seconds", 0.0)  # commit after every teacher batch: the tests count per batch
     return CachedTeacherDataModule(CIFAR10DataModule(batch_size=32), teacher, budget=budget, cache_dir=str(cache_dir), **kw)
 
 

@@ -17,10 +17,9 @@ import dataclasses
 import hashlib
 import json
 import math
-import time
-from types import SimpleNamespace
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -28,12 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
-from tqdm.auto import tqdm
 
-from lightning_kd.budget import TeacherBudget, TeacherBudgetExceeded
-from lightning_kd.cache import CacheSpec, TeacherCache
+from lightning_kd.cache import CacheSpec, TeacherBudget, TeacherBudgetExceeded, TeacherCache
+from lightning_kd.cache.ledger import LedgerSummary
 from lightning_kd.data.base import IndexedDataModule, collate
 from lightning_kd.data.cifar import default_cache_dir, default_data_dir
+from lightning_kd.data.fill import fill_cache
 from lightning_kd.data.tuples import sample_tuples, split_sides
 from lightning_kd.teachers import Teacher, load_teacher, teacher_fingerprint
 
@@ -63,68 +62,19 @@ def select_samples(
     raise ValueError(f"selection must be 'random' or 'class_balanced', got {selection!r}")
 
 
-def fill_cache(
-    teacher: Teacher,
-    dataset: Dataset,
-    cache: TeacherCache,
-    budget: TeacherBudget,
-    *,
-    batch_size: int = 500,
-    commit_seconds: float = 1.0,
-    device: torch.device | str | None = None,
-    writer: str = "main",
-    progress: bool = True,
-    desc: str = "teacher -> cache",
-) -> int:
-    """Run ``teacher`` once on every sample of ``dataset`` and commit its outputs; returns samples queried.
+def _accounting(s: LedgerSummary, budget: TeacherBudget) -> str:
+    where = f" by {', '.join(s.writers_in_flight)}" if s.writers_in_flight else ""
+    floor = budget.used - s.used
+    extra = f" + {floor} recorded only in a checkpoint" if floor > 0 else ""
+    return (f"{budget.used} used = {s.committed} stored + {s.in_flight} in flight{where} + {s.lost} lost{extra}; "
+            f"{budget.remaining} remaining")
 
-    Each batch is reserved in ``budget`` before the call (raising :class:`TeacherBudgetExceeded` before any
-    call that would exceed it) and validated (shape, finite values) right after it, before anything is stored.
-    Valid outputs are committed as one cache segment every ``commit_seconds`` (0: after every batch), and when
-    the fill stops for any reason, an error included: only a hard kill loses the outputs of the last
-    ``commit_seconds``, and those stay counted in the budget as lost. A call that raises is released.
-    """
-    if len(dataset) > budget.remaining:
-        raise TeacherBudgetExceeded(
-            f"{len(dataset)} samples need teacher outputs but only {budget.remaining} of the budget "
-            f"{budget.total} remain ({budget.used} used). No call was made."
-        )
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    pending: list[tuple[torch.Tensor, torch.Tensor, str]] = []
 
-    def commit() -> None:
-        chunk = pending[:]
-        pending.clear()
-        if chunk:
-            cache.write(torch.cat([c[0] for c in chunk]), torch.cat([c[1] for c in chunk]), writer=writer)
-            for *_, token in chunk:
-                budget.commit(token)
-
-    calls, last_commit = 0, time.perf_counter()
-    bar = tqdm(total=len(dataset), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
-    try:
-        with bar:
-            for batch in loader:
-                x = batch["input"] if device is None else batch["input"].to(device, non_blocking=True)
-                token = budget.reserve(len(x))
-                try:
-                    with torch.inference_mode():
-                        logits = teacher(x)
-                except BaseException:
-                    budget.release(token)
-                    raise
-                calls += len(x)
-                logits = logits.detach().to("cpu", torch.float32)
-                cache.validate(batch["index"].numpy(), logits)  # a paid call with bad outputs stays counted
-                pending.append((batch["index"], logits, token))
-                if time.perf_counter() - last_commit >= commit_seconds:
-                    commit()
-                    last_commit = time.perf_counter()
-                bar.set_postfix_str(f"budget {budget.used}/{budget.total}", refresh=False)
-                bar.update(len(x))
-    finally:
-        commit()  # outputs already paid for are kept even when the fill stops on an error
-    return calls
+def _spend(teacher: object, s: LedgerSummary) -> str:
+    per_sample, per_request = getattr(teacher, "cost_per_sample", 0) or 0, getattr(teacher, "cost_per_request", 0) or 0
+    if not (per_sample or per_request):
+        return ""
+    return f"; spent {s.used * per_sample + s.requests * per_request:.4g} ({s.requests} requests)"
 
 
 class CachedOutputs(Dataset):
@@ -183,17 +133,18 @@ class CachedTeacherDataModule(IndexedDataModule):
             ``inputs -> logits`` (e.g. a remote API wrapper; give it a ``fingerprint`` attribute).
         budget: the number of training samples, and the most samples the teacher is ever run on.
         cache_dir: where outputs live; default ``$LKD_CACHE_DIR/teacher_outputs/<teacher>-<view>``.
-        selection: "random" or "class_balanced".
+        selection: "random" or "class_balanced" (seeded, nested); "cached": exactly the samples the cache already
+            holds outputs for (no teacher call), e.g. after a change of selection or seed that would leave paid
+            outputs unused — the fill says so and names this option.
         view: "augmented" (one fixed random crop + flip per sample, derived from ``seed``) or "clean".
         val_fraction: labelled validation samples = budget·f/(1−f), from the unchosen training samples.
         dtype / topk: cache storage ("float32", "float16", or "topk" with ``topk`` classes kept).
         teacher_normalize: give the teacher normalized inputs (False: RGB in [0, 1], the shared teacher's
             contract; the student always gets normalized inputs).
-        fill_batch_size / commit_seconds: teacher batch size; outputs are committed to disk every
-            ``commit_seconds`` (a hard kill loses at most that much teacher work; 0 commits every batch).
+        fill_batch_size: samples per teacher call; each returned batch is durable before the next call.
         group_size: 1 serves samples; k >= 2 serves CKD tuples of k samples, ``max_tuples`` drawn once.
-        strict: if lost outputs leave too little budget to cover the selection, raise instead of training on
-            the samples that have outputs.
+        strict: if the budget left cannot cover the selection, raise instead of buying what it allows and training
+            on the samples that have outputs.
     """
 
     def __init__(
@@ -202,7 +153,7 @@ class CachedTeacherDataModule(IndexedDataModule):
         teacher: Any = None,
         budget: int = 2000,
         cache_dir: str | None = None,
-        selection: Literal["random", "class_balanced"] = "random",
+        selection: Literal["random", "class_balanced", "cached"] = "random",
         view: Literal["augmented", "clean"] = "augmented",
         val_fraction: float = 0.2,
         seed: int = 0,
@@ -210,7 +161,6 @@ class CachedTeacherDataModule(IndexedDataModule):
         topk: int | None = None,
         teacher_normalize: bool = False,
         fill_batch_size: int = 500,
-        commit_seconds: float = 1.0,
         group_size: int = 1,
         max_tuples: int = 100_000,
         batch_size: int | None = None,
@@ -235,24 +185,26 @@ class CachedTeacherDataModule(IndexedDataModule):
             topk=topk,
             teacher_normalize=teacher_normalize,
             fill_batch_size=fill_batch_size,
-            commit_seconds=commit_seconds,
             group_size=group_size,
             max_tuples=max_tuples,
             strict=strict,
             progress=progress,
         )
+        for name, value in (("budget", budget), ("fill_batch_size", fill_batch_size), ("group_size", group_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if selection not in ("random", "class_balanced", "cached"):
+            raise ValueError(f"selection must be 'random', 'class_balanced' or 'cached', got {selection!r}")
         if view not in ("augmented", "clean"):
             raise ValueError(f"view must be 'augmented' or 'clean', got {view!r}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
         self.datamodule = datamodule
         self.teacher_spec = teacher
         self.num_classes = datamodule.num_classes
         self.cache: TeacherCache | None = None
         self.budget_state: TeacherBudget | None = None
-        self.last_fill_calls = 0  # samples this process ran the teacher on in its fill
+        self.new_teacher_calls = 0  # samples this run (all its ranks) sent to the teacher
         self._checkpoint_budget: dict[str, int] = {}
 
     # -- plan ----------------------------------------------------------------------------------------------------
@@ -266,7 +218,15 @@ class CachedTeacherDataModule(IndexedDataModule):
         dm, h = self.datamodule, self.h
         dm.setup("fit")
         pool = dm.train_indices
-        self.selected = select_samples(pool, dm.targets(pool), h.budget, h.selection, h.seed)
+        if h.budget > len(pool):
+            raise ValueError(f"budget {h.budget} exceeds the {len(pool)} training samples available")
+        if h.selection == "cached":  # train on what was paid for: no teacher call
+            held = self._open_cache(_resolve_teacher(self.teacher_spec)).indices
+            self.selected = np.intersect1d(held, pool)
+            if not len(self.selected):
+                raise ValueError("selection='cached' but the teacher cache holds no outputs for this training pool")
+        else:
+            self.selected = select_samples(pool, dm.targets(pool), h.budget, h.selection, h.seed)
         rest = np.setdiff1d(pool, self.selected)
         n_val = min(round(h.budget * h.val_fraction / (1 - h.val_fraction)), len(rest))
         self.val_indices = np.random.default_rng(h.seed + 1).permutation(rest)[:n_val]  # any prefix: all classes
@@ -293,10 +253,11 @@ class CachedTeacherDataModule(IndexedDataModule):
             self._plan()
 
     def fill(self) -> None:
-        """Open the cache and run the teacher on the selected samples that have no outputs yet (once).
+        """Open the cache and run the teacher on the selected samples that have no outputs yet (once, ever).
 
         Called by ``train_dataloader`` — after Lightning restored a checkpoint, so that the budget recorded there
-        counts — or directly (``lkd cache``). Under DDP every rank must call it.
+        counts — or directly (``lkd cache``). Under DDP every rank must call it: ranks are concurrent writers of
+        one cache, each starting on its own shard, and the shared ledger keeps the total within the budget.
         """
         if self.cache is not None:
             return
@@ -307,71 +268,120 @@ class CachedTeacherDataModule(IndexedDataModule):
         cache = self._open_cache(teacher) if rank == 0 else None
         self._barrier()  # rank 0 created the manifest; the others open it now
         cache = cache or self._open_cache(teacher)
-        missing = self.selected[~cache.contains(self.selected)]
-        floor = self._checkpoint_budget or self._budget_from_ckpt()
         budget = TeacherBudget(h.budget, cache.directory)
-        budget.load_state_dict(floor)
-        used_before = budget.used
-        if len(missing) > budget.remaining:
-            msg = (
-                f"{len(missing)} of the {len(self.selected)} selected samples have no teacher outputs but only "
-                f"{budget.remaining} of the budget {budget.total} remain ({budget.used} used, {budget.lost} lost "
-                "to earlier runs that died between a teacher call and its commit)"
-            )
-            if h.strict or len(missing) == len(self.selected):
-                why = ". strict=True: stopping." if h.strict else ": no sample to train on."
-                raise TeacherBudgetExceeded(msg + why)
-            usable = len(self.selected) - len(missing) + budget.remaining
-            warnings.warn(msg + f". Training on the samples that have outputs (up to {usable}).")
-            missing = missing[: budget.remaining]
-        shard = missing[rank::world]
-        budget.quota = len(shard)
-        self.last_fill_calls = 0
-        error: BaseException | None = None
+        budget.load_state_dict(self._checkpoint_budget or self._budget_from_ckpt())
+        missing = self.selected[~cache.contains(self.selected)]
+        if rank == 0:
+            self._check_plan(cache, budget, len(missing))
+        order = self._purchase_order(missing, rank, world)
+        calls, error = 0, None
         try:
-            if len(missing):
-                self.last_fill_calls = self._fill_shard(teacher, shard, cache, budget, len(missing), rank, world)
+            if len(order):
+                calls = self._fill_shard(teacher, order, cache, budget, rank, world)
         except BaseException as err:  # tell the other ranks instead of leaving them waiting at the barrier
             error = err
         if self._any_rank_failed(error is not None):
             raise error or RuntimeError("the teacher-output fill failed on another rank (committed outputs are kept)")
-        cache.refresh()
-        if rank == 0 and len(cache._names) > 1:
+        if rank == 0:
             cache.compact()
         self._barrier()
         cache.refresh()
-        self.cache, self.budget_state = cache, TeacherBudget(h.budget, cache.directory)
-        self.budget_state.load_state_dict(floor)
-        self.new_teacher_calls = self.budget_state.used - used_before  # all ranks together
+        self.cache, self.budget_state = cache, budget
+        self.new_teacher_calls = self._all_sum(calls)
         self.train_indices = self.selected[cache.contains(self.selected)]
+        s = budget.summary()
+        if not len(self.train_indices):
+            raise TeacherBudgetExceeded(
+                f"none of the {len(self.selected)} selected samples has teacher outputs and the budget {h.budget} is "
+                f"spent ({_accounting(s, budget)}): no sample to train on."
+            )
+        if len(self.train_indices) < len(self.selected):
+            warnings.warn(
+                f"{len(self.selected) - len(self.train_indices)} of the {len(self.selected)} selected samples have "
+                f"no teacher outputs and the budget {h.budget} cannot buy them ({_accounting(s, budget)}). Training "
+                f"on the {len(self.train_indices)} samples that have outputs.",
+                stacklevel=2,
+            )
         if rank == 0:
-            b = self.budget_state
             print(
-                f"[lightning_kd] {self.new_teacher_calls} new teacher calls (budget {h.budget}); training on "
-                f"{len(self.train_indices)} samples with cached outputs. Cache {cache.directory}: {b.used} teacher "
-                f"calls recorded in all, {b.lost} lost."
+                f"[lightning_kd] {self.new_teacher_calls} new teacher calls by this run (budget {h.budget}); training "
+                f"on {len(self.train_indices)} samples with cached outputs. Cache {cache.directory}: "
+                f"{_accounting(s, budget)}{_spend(teacher, s)}."
             )
 
-    def _fill_shard(self, teacher, shard, cache, budget, n_missing: int, rank: int, world: int) -> int:
+    def _purchase_order(self, missing: np.ndarray, rank: int, world: int) -> np.ndarray:
+        """Missing samples in the order they are bought: seeded (a budget that runs short still buys a uniform
+        share), this rank's shard first so that DDP ranks rarely meet; every rank may finish the others' work."""
+        order = np.random.default_rng(self.h.seed + 2).permutation(missing)
+        mine = np.zeros(len(order), dtype=bool)
+        mine[rank::world] = True
+        return np.concatenate([order[mine], order[~mine]])
+
+    def _check_plan(self, cache: TeacherCache, budget: TeacherBudget, n_missing: int) -> None:
+        """Record this run's plan; say when it would leave paid outputs unused, and refuse when it also cannot be
+        bought, naming the setting that changed and the option that trains on what was paid for."""
+        h = self.h
+        plan = {"selection": h.selection, "seed": h.seed, "budget": h.budget, "n": int(len(self.selected)),
+                "sha": hashlib.sha256(np.sort(self.selected).astype("<i8").tobytes()).hexdigest()[:16]}
+        plans = cache.ledger.plans
+        last = {k: plans[-1].get(k) for k in plan} if plans else None
+        if last != plan and cache.lock.writable:
+            budget.record("plan", **plan)
+        unused = np.setdiff1d(cache.indices, self.selected)
+        if not len(unused) or h.selection == "cached":
+            return
+        changed = [f"{k} {last[k]!r} -> {plan[k]!r}" for k in ("selection", "seed", "budget")
+                   if last and last[k] != plan[k]]
+        with budget.lock:
+            budget.ledger.refresh()
+            free = len(budget.free(self.selected[~cache.contains(self.selected)]))
+        msg = (f"this run's selection leaves {len(unused)} paid teacher outputs in {cache.directory} unused"
+               + (f" (changed since they were bought: {', '.join(changed)})" if changed else "")
+               + f" and needs {n_missing} samples without outputs")
+        if free > budget.remaining:
+            raise TeacherBudgetExceeded(
+                msg + f", but only {budget.remaining} of the budget {h.budget} remain. Set selection='cached' to "
+                f"train on the {len(cache)} samples already paid for, or restore the earlier setting."
+            )
+        warnings.warn(msg + f"; buying them ({budget.remaining} of the budget remain). selection='cached' trains on "
+                      "the samples already paid for instead.", stacklevel=3)
+
+    def _fill_shard(self, teacher, order, cache, budget, rank: int, world: int) -> int:
         h = self.h
         device = self._device()
         if isinstance(teacher, nn.Module) and device is not None:
             teacher = teacher.to(device)
         view = "fixed" if h.view == "augmented" else "eval"
-        dataset = self.datamodule.make_dataset(shard, view, normalize=h.teacher_normalize, seed=h.seed)
-        where = f", {len(shard)} on rank {rank} of {world}" if world > 1 else ""
+        dataset = self.datamodule.make_dataset(order, view, normalize=h.teacher_normalize, seed=h.seed)
+        with budget.lock:
+            budget.ledger.refresh()
+            free = len(budget.free(order))
+        if free > budget.remaining:
+            msg = (f"{free} of the {len(self.selected)} selected samples have no teacher outputs but only "
+                   f"{budget.remaining} of the budget {budget.total} remain ({_accounting(budget.summary(), budget)})")
+            if h.strict:
+                raise TeacherBudgetExceeded(msg + ". strict=True: stopping before any call.")
+            warnings.warn(msg + f". Buying {budget.remaining} and training on the samples that have outputs.",
+                          stacklevel=3)
+        where = f", rank {rank} of {world}" if world > 1 else ""
         return fill_cache(
             teacher,
             dataset,
             cache,
             budget,
             batch_size=h.fill_batch_size,
-            commit_seconds=h.commit_seconds,
             device=device,
-            writer=f"{budget.writer}-rank{rank}",
             progress=h.progress and rank == 0,
-            desc=f"teacher outputs ({n_missing} missing{where})",
+            desc=f"teacher outputs ({len(order)} missing{where})",
+            partial=True,
         )
+
+    def _all_sum(self, n: int) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return n
+        t = torch.tensor([n], device=self._device() or "cpu")
+        dist.all_reduce(t)
+        return int(t.item())
 
     def _any_rank_failed(self, failed: bool) -> bool:
         """A collective OR of ``failed`` over ranks (it also serves as the barrier after the fill)."""

@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_kd.teachers.base import Teacher
 from lightning_kd.utils import sha256_file
-
-Teacher = Callable[[torch.Tensor], torch.Tensor]
 
 
 class FrozenTeacher(nn.Module):

@@ -1,0 +1,437 @@
+"""TeacherCache: an on-disk, memory-mapped store of teacher outputs keyed by dataset index.
+
+Layout of a cache directory::
+
+    manifest.json        the cache's identity: teacher, dataset and view fingerprints, storage dtype, classes
+    ledger.jsonl         the teacher budget's ledger (:mod:`lightning_kd.cache.ledger`); keeps a copy of the identity
+    segments/<writer>.seg   one append-only file per writer: a block per teacher batch (:mod:`.format`)
+    segments/compact-*.seg  compacted segments: one block, checksummed per 1,024 rows
+    writers/<writer>.lock   the lease a live writer holds (:mod:`.lock`); lock   the directory lock
+
+What the cache holds is evidence of what was spent, and the ledger is the record of what was paid: on every open
+both are read and checked against each other. Outputs the ledger has no reservation for, committed outputs that
+are missing or fail their checksum, a manifest that is gone while outputs remain, or a segment made for another
+identity stop the run with :class:`CacheCorruptedError` (or :class:`CacheMismatchError`) naming the file and
+the ``lkd cache`` command that recovers; nothing is ever deleted to make the two agree.
+
+Top-k storage keeps the k largest logits exactly (fp16) and one value r for all other classes, chosen so that
+their total probability mass at T = 1 is preserved: r = logsumexp(rest) - log(C - k).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from lightning_kd.cache import format as fmt
+from lightning_kd.cache.errors import CacheCorruptedError, CacheMismatchError, recovery_hint
+from lightning_kd.cache.ledger import Ledger, create_ledger, encode_indices, new_writer_name
+from lightning_kd.cache.lock import DirectoryLock, fsync_dir, writer_alive
+
+StorageDtype = Literal["float32", "float16", "topk"]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the cached outputs are; a cache whose manifest differs in any field is refused."""
+
+    teacher: str
+    dataset: str
+    view: str
+    num_classes: int
+    dtype: StorageDtype = "float32"
+    topk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float16", "topk"):
+            raise ValueError(f"dtype must be 'float32', 'float16' or 'topk', got {self.dtype!r}")
+        if self.dtype == "topk" and not (self.topk and 0 < self.topk < self.num_classes):
+            raise ValueError(f"topk storage needs 0 < topk < num_classes ({self.num_classes}), got {self.topk}")
+        if self.dtype != "topk" and self.topk is not None:
+            raise ValueError(f"topk={self.topk} is only meaningful with dtype='topk'")
+
+    @classmethod
+    def from_dict(cls, body: object, source: Path | str) -> CacheSpec:
+        """Parse a stored identity; anything but the expected fields and types is :class:`CacheCorruptedError`."""
+        types = {"teacher": str, "dataset": str, "view": str, "num_classes": int, "dtype": str}
+        if not isinstance(body, dict) or set(body) - {*types, "topk"} or not set(types) <= set(body):
+            raise CacheCorruptedError(f"{source}: not a cache identity (fields {sorted(body) if isinstance(body, dict) else type(body).__name__})")
+        for key, typ in types.items():
+            if not isinstance(body[key], typ) or isinstance(body[key], bool):
+                raise CacheCorruptedError(f"{source}: field {key!r} should be {typ.__name__}, got {body[key]!r}")
+        if body.get("topk") is not None and not isinstance(body["topk"], int):
+            raise CacheCorruptedError(f"{source}: field 'topk' should be an integer, got {body['topk']!r}")
+        try:
+            return cls(**body)
+        except ValueError as err:
+            raise CacheCorruptedError(f"{source}: {err}") from err
+
+
+def encode_topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, C) logits -> fp16 (n, k + 1) [top-k logits, rest value r] and int32 (n, k) class ids."""
+    top, ids = logits.topk(k, dim=1)
+    rest = logits.scatter(1, ids, float("-inf"))
+    r = torch.logsumexp(rest, dim=1, keepdim=True) - np.log(logits.shape[1] - k)
+    return torch.cat([top, r], 1).to(torch.float16).numpy(), ids.to(torch.int32).numpy()
+
+
+def decode_topk(values: np.ndarray, ids: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse of :func:`encode_topk`: float32 (n, C) logits with the rest classes at the value r."""
+    v = torch.from_numpy(np.asarray(values, dtype=np.float32))
+    out = v[:, -1:].expand(-1, num_classes).clone()
+    return out.scatter_(1, torch.from_numpy(np.asarray(ids, dtype=np.int64)), v[:, :-1])
+
+
+def as_logits(outputs: object) -> torch.Tensor:
+    """A teacher's outputs as a float32 CPU tensor; a numpy array is converted, anything else is refused."""
+    if isinstance(outputs, np.ndarray):
+        outputs = torch.from_numpy(outputs)
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(f"the teacher returned a {type(outputs).__name__}; it must return a tensor (or numpy array) "
+                        "of logits")
+    if not outputs.is_floating_point():
+        raise TypeError(f"the teacher returned {outputs.dtype} outputs; logits must be floating point (class ids "
+                        "or integer scores cannot be distilled from)")
+    return outputs.detach().to("cpu", torch.float32)
+
+
+@dataclass
+class SegmentView:
+    """One mapped segment file: its scan, its memory map, and the blocks served from it."""
+
+    name: str
+    scan: fmt.SegmentScan
+    buf: object
+
+
+class TeacherCache:
+    """Teacher outputs on disk, keyed by dataset index, read through memory maps.
+
+    Opening checks the manifest against ``spec`` (:class:`CacheMismatchError` naming every differing field),
+    cross-checks outputs and ledger, and with ``verify=True`` every block's checksums (once per process).
+    ``reset=True`` starts a new cache when the manifest differs: the old directory is moved aside to
+    ``<directory>.stale-<time>``, never deleted.
+    """
+
+    def __init__(
+        self, directory: str | Path, spec: CacheSpec | None = None, *, verify: bool = True, reset: bool = False
+    ) -> None:
+        self.directory = Path(directory)
+        self.segments_dir = self.directory / "segments"
+        self.verify = verify
+        self._verified: set[tuple[str, int]] = set()
+        if not self.directory.exists() and spec is None:
+            raise FileNotFoundError(f"no teacher cache at {self.directory} and no spec to create one")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.lock = DirectoryLock(self.directory)
+        self.ledger = Ledger(self.directory / "ledger.jsonl")
+        with self.lock:
+            self.ledger.refresh()
+            self.spec = self._open_identity(spec, reset)
+        self.refresh()
+
+    # -- identity -------------------------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / "manifest.json"
+
+    def _open_identity(self, spec: CacheSpec | None, reset: bool) -> CacheSpec:
+        if not self.manifest_path.exists():
+            if self.ledger.reservations or self._segment_files():
+                raise CacheCorruptedError(
+                    f"teacher cache {self.directory}: manifest.json is missing but the directory holds paid teacher "
+                    "outputs or budget records; the manifest is never recreated from a new request."
+                    + recovery_hint(self.directory) + " (repair restores it from the copies in the ledger and segments)"
+                )
+            if spec is None:
+                raise FileNotFoundError(f"no teacher cache at {self.directory} (manifest.json missing) and no spec")
+            return self._create(spec)
+        stored = read_manifest(self.manifest_path)
+        copy = (self.ledger.header or {}).get("spec")
+        if copy is not None and CacheSpec.from_dict(copy, self.ledger.path) != stored:
+            raise CacheCorruptedError(
+                f"teacher cache {self.directory}: manifest.json names {stored} but the ledger was opened for "
+                f"{copy}: the manifest was replaced." + recovery_hint(self.directory)
+            )
+        if spec is not None and stored != spec:
+            if not reset:
+                diffs = [f"{k}: cache has {getattr(stored, k)!r}, requested {getattr(spec, k)!r}"
+                         for k in asdict(spec) if getattr(stored, k) != getattr(spec, k)]
+                raise CacheMismatchError(
+                    f"teacher cache {self.directory} was made for other outputs (" + "; ".join(diffs)
+                    + "). Use another cache directory, or reset=True to move this one aside and start anew."
+                )
+            self.lock.close()
+            os.replace(self.directory, self.directory.with_name(f"{self.directory.name}.stale-{time.time_ns()}"))
+            self.directory.mkdir()
+            self.lock = DirectoryLock(self.directory)
+            self.ledger = Ledger(self.directory / "ledger.jsonl")
+            with self.lock:
+                return self._create(spec)
+        return stored
+
+    def _create(self, spec: CacheSpec) -> CacheSpec:
+        """A new cache (under the lock): the ledger (with a copy of the identity) first, the manifest last."""
+        self.segments_dir.mkdir(parents=True, exist_ok=True)
+        if not self.ledger.path.exists():
+            create_ledger(self.directory, asdict(spec))
+        self.ledger.refresh()
+        tmp = self.directory / f".manifest.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_bytes(json.dumps({"format_version": 2, **asdict(spec)}, indent=2).encode())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.manifest_path)
+        fsync_dir(self.directory)
+        return spec
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def _segment_files(self) -> list[Path]:
+        return sorted(self.segments_dir.glob("*.seg")) if self.segments_dir.is_dir() else []
+
+    def _live_files(self) -> list[Path]:
+        """Segment files that serve outputs: all but those a recorded (and present) compaction replaced.
+
+        A compaction is recorded before its file is renamed into place, so a record whose file is absent (a crash
+        in between) never took effect. Under the lock, on a writable directory, replaced files and ``.tmp``
+        leftovers of crashed writes are removed here.
+        """
+        done = [c for c in self.ledger.compactions if (self.segments_dir / c["seg"]).exists()]
+        superseded = {name for c in done for name in c["supersedes"]}
+        files = self._segment_files()
+        if self.lock.writable and self.segments_dir.is_dir():
+            for path in [p for p in files if p.name in superseded] + list(self.segments_dir.glob(".*.tmp")):
+                path.unlink(missing_ok=True)
+        return [p for p in files if p.name not in superseded]
+
+    def holds(self, token: str, writer: str) -> bool:
+        """Whether ``writer``'s segment holds an intact block of reservation ``token`` (a takeover's question)."""
+        path = self.segments_dir / f"{writer}.seg"
+        if not path.exists():
+            return False
+        buf = fmt.open_map(path)
+        return any(b.token == token and not fmt.bad_chunks(buf, b) for b in fmt.scan(path, buf).blocks)
+
+    def refresh(self) -> None:
+        """Re-read the ledger, map the live segments, verify them, and rebuild the index lookup."""
+        with self.lock:
+            self.ledger.refresh()
+            files = self._live_files()
+            self._views = [SegmentView(p.name, *self._map(p)) for p in files]
+        self._build_lookup()
+
+    def _map(self, path: Path) -> tuple[fmt.SegmentScan, object]:
+        buf = fmt.open_map(path)
+        scan = fmt.scan(path, buf)
+        if scan.spec is not None:
+            seg_spec = CacheSpec.from_dict(scan.spec, path)
+            if seg_spec != self.spec:
+                raise CacheMismatchError(
+                    f"segment {path} holds outputs for {seg_spec}, but this cache is {self.spec}: outputs of another "
+                    "teacher, dataset or view were put into this directory; move that file out."
+                )
+        return scan, buf
+
+    def _build_lookup(self) -> None:
+        """Index -> (block, row) over intact blocks; cross-check with the ledger; fail closed on any damage."""
+        led = self.ledger
+        known = {r.id: r for r in led.reservations.values()}
+        compactions = {c["seg"]: c for c in led.compactions}
+        self._blocks: list[dict[str, np.ndarray]] = []
+        self._block_file: list[str] = []
+        self.damage: list[str] = []
+        self.tokens: set[str] = set()
+        owner_parts, row_parts, idx_parts = [], [], []
+        for view in self._views:
+            self.damage += [f"{view.name}: {d}" for d in view.scan.damaged]
+            for block in view.scan.blocks:
+                res = known.get(block.token)
+                if view.name not in compactions and (res is None or res.status == "released"):
+                    self.damage.append(f"{view.name} at byte {block.offset}: {block.rows} outputs under reservation "
+                                       f"{block.token!r}, which the ledger {'released' if res else 'does not know'}")
+                    continue
+                arrays = fmt.arrays(view.buf, block)
+                good = np.ones(block.rows, dtype=bool)
+                if self.verify and (view.name, block.offset) not in self._verified:
+                    for a, b in fmt.bad_chunks(view.buf, block):
+                        good[a:b] = False
+                        self.damage.append(f"{view.name} at byte {block.offset}: rows {a}..{b} fail their checksum")
+                    if good.all():
+                        self._verified.add((view.name, block.offset))
+                self.tokens.add(block.token)
+                bid = len(self._blocks)
+                self._blocks.append(arrays)
+                self._block_file.append(view.name)
+                rows = np.flatnonzero(good)
+                idx_parts.append(arrays["index"][rows])
+                row_parts.append(rows)
+                owner_parts.append(np.full(len(rows), bid, dtype=np.int32))
+        idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
+        n = int(idx.max()) + 1 if len(idx) else 0
+        self._seg_of = np.full(n, -1, dtype=np.int32)
+        self._row_of = np.full(n, -1, dtype=np.int64)
+        if len(idx):
+            first = np.unique(idx, return_index=True)[1]  # duplicates (a re-bought sample): the first copy serves
+            self._seg_of[idx[first]] = np.concatenate(owner_parts)[first]
+            self._row_of[idx[first]] = np.concatenate(row_parts)[first]
+        self._cross_check()
+
+    def _cross_check(self) -> None:
+        led, have = self.ledger, self.indices
+        missing = np.setdiff1d(led.committed_indices(), have)
+        paid = [r.indices for r in led.reservations.values() if r.status != "released" and r.indices is not None]
+        anonymous = sum(r.n for r in led.reservations.values() if r.status != "released" and r.indices is None)
+        unpaid = np.setdiff1d(have, np.concatenate(paid)) if paid else have
+        problems = list(self.damage)
+        if len(missing):
+            problems.append(f"{len(missing)} committed outputs are missing or damaged (dataset indices "
+                            f"{missing[:8].tolist()}{' ...' if len(missing) > 8 else ''})")
+        if len(unpaid) > anonymous:
+            problems.append(f"{len(unpaid)} stored outputs have no reservation in the ledger: ledger lines are "
+                            "missing, so it would read as less spent than the cache proves")
+        if problems:
+            raise CacheCorruptedError(f"teacher cache {self.directory} is damaged: " + "; ".join(problems[:6])
+                                      + ("; ..." if len(problems) > 6 else "") + "." + recovery_hint(self.directory))
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Sorted dataset indices that have stored outputs."""
+        return np.flatnonzero(self._seg_of >= 0)
+
+    def __len__(self) -> int:
+        return int((self._seg_of >= 0).sum())
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self._blocks)
+
+    def contains(self, indices: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``indices`` have stored outputs."""
+        idx = np.asarray(indices, dtype=np.int64)
+        inside = idx < len(self._seg_of)
+        out = np.zeros(len(idx), dtype=bool)
+        out[inside] = self._seg_of[idx[inside]] >= 0
+        return out
+
+    def get(self, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """float32 logits (B, C) for dataset ``indices``; raises KeyError naming indices without outputs."""
+        idx = np.asarray(indices, dtype=np.int64)
+        missing = idx[~self.contains(idx)]
+        if len(missing):
+            raise KeyError(
+                f"no cached teacher outputs for dataset indices {missing[:10].tolist()} ({len(missing)} in all)"
+            )
+        blocks, rows = self._seg_of[idx], self._row_of[idx]
+        if len(self._blocks) == 1:
+            return self._decode(self._blocks[0], rows)
+        out = torch.empty(len(idx), self.spec.num_classes)
+        for bid in np.unique(blocks):
+            sel = np.flatnonzero(blocks == bid)
+            out[torch.from_numpy(sel)] = self._decode(self._blocks[bid], rows[sel])
+        return out
+
+    def _decode(self, block: dict[str, np.ndarray], rows: np.ndarray) -> torch.Tensor:
+        values = block["values"][rows]
+        if self.spec.dtype == "topk":
+            return decode_topk(values, block["topi"][rows], self.spec.num_classes)
+        return torch.from_numpy(np.asarray(values, dtype=np.float32))
+
+    # -- writing --------------------------------------------------------------------------------------------------
+    def validate(self, indices: np.ndarray, logits: torch.Tensor) -> None:
+        """Raise ValueError (before anything is stored) for wrong shapes, non-finite values or re-used indices."""
+        n, c = len(indices), self.spec.num_classes
+        if logits.ndim != 2 or logits.shape != (n, c):
+            raise ValueError(
+                f"teacher outputs have shape {tuple(logits.shape)}, expected ({n}, {c}) logits for {n} samples"
+            )
+        if not torch.isfinite(logits).all():
+            bad = (~torch.isfinite(logits)).any(1).nonzero().flatten()[:10]
+            raise ValueError(
+                f"teacher outputs contain NaN/inf for dataset indices {np.asarray(indices)[bad.numpy()].tolist()}"
+            )
+        if n == 0:
+            raise ValueError("no outputs to write")
+        if len(np.unique(indices)) != n:
+            raise ValueError("duplicate dataset indices in one write")
+
+    def append(self, writer: str, token: str, indices: np.ndarray, logits: torch.Tensor) -> dict:
+        """Make one batch of outputs durable in ``writer``'s segment (before the next teacher call).
+
+        Returns where it lies (``{"seg", "offset"}``, for the ledger's commit record). The lookup is not
+        extended: call :meth:`refresh` to serve what was appended.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        logits = as_logits(logits)
+        self.validate(idx, logits)
+        if self.spec.dtype == "topk":
+            values, topi = encode_topk(logits, self.spec.topk)
+        else:
+            values, topi = logits.numpy().astype(self.spec.dtype), None
+        path = self.segments_dir / f"{writer}.seg"
+        offset = fmt.append(path, fmt.encode_block(token, idx, values, topi), fmt.file_header(asdict(self.spec), writer))
+        return {"seg": path.name, "offset": offset}
+
+    def write(self, indices: np.ndarray | torch.Tensor, logits: torch.Tensor) -> str:
+        """Store outputs obtained outside a budgeted fill: recorded in the ledger as paid, then served."""
+        idx = np.asarray(indices, dtype=np.int64)
+        present = idx[self.contains(idx)]
+        if len(present):
+            raise ValueError(f"dataset indices {present[:10].tolist()} already have cached outputs; they are never "
+                             "overwritten")
+        self.validate(idx, as_logits(logits))
+        writer, token = new_writer_name(), uuid.uuid4().hex[:12]
+        with self.lock:
+            self.ledger.refresh()
+            self.ledger.append("reserve", id=token, writer=writer, n=len(idx), idx=encode_indices(idx),
+                               used=self.ledger.used + len(idx))
+            try:
+                where = self.append(writer, token, idx, logits)
+            except BaseException:
+                self.ledger.append("lost", id=token, why="the write failed")
+                raise
+            self.ledger.append("commit", id=token, **where)
+        self.refresh()
+        return where["seg"]
+
+    def compact(self) -> bool:
+        """Fold the finished segments into one block (sorted by index) for single-map reads; returns whether it did.
+
+        Segments of live writers are left alone; on a read-only directory nothing happens. The compacted file is
+        written, fsynced and verified before the ledger records it, and the segments it replaces are removed
+        only after that record: a crash at any point leaves every output readable.
+        """
+        from lightning_kd.cache.compact import compact
+
+        return compact(self)
+
+    def writer_alive(self, name: str) -> bool:
+        return writer_alive(self.directory, name)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return f"TeacherCache({str(self.directory)!r}, {len(self)} outputs, dtype={s.dtype}, classes={s.num_classes})"
+
+
+def read_manifest(path: Path) -> CacheSpec:
+    """The identity in ``manifest.json``; unreadable or ill-typed content is :class:`CacheCorruptedError`."""
+    try:
+        body = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheCorruptedError(f"{path} is not valid JSON ({err})." + recovery_hint(path.parent)) from None
+    if not isinstance(body, dict):
+        raise CacheCorruptedError(f"{path} should hold a JSON object, got {type(body).__name__}."
+                                  + recovery_hint(path.parent))
+    version = body.pop("format_version", None)
+    if version == 1:
+        raise CacheMismatchError(f"{path}: a format-1 cache (written by lightning_kd before the shared ledger); this "
+                                 "version reads format 2. Its outputs are intact: keep the directory, fill a new one.")
+    if version != 2:
+        raise CacheCorruptedError(f"{path}: unknown cache format version {version!r}." + recovery_hint(path.parent))
+    return CacheSpec.from_dict(body, path)

@@ -1,0 +1,197 @@
+"""The budgeted fill: run the teacher once on every chosen sample that has no stored output, never over budget.
+
+Each batch goes through the same steps, whatever the teacher and however many processes share the cache:
+
+1. **claim** — under the cache's lock, after re-reading the ledger: take over the claims of dead writers, pick up
+   to ``batch_size`` samples that have no output and no live claim, and reserve them (``TeacherBudgetExceeded``
+   when nothing is left to spend);
+2. **call** — the teacher runs (``teacher.query(x, key=...)`` when it has one: the key is the same on every
+   attempt at the batch); a failure known to be unprocessed releases the reservation, any other stays counted
+   as lost; ``teacher.retry`` retries, a possibly paid retry with budget of its own;
+3. **store** — valid outputs are appended to this writer's segment and fsynced before the next call, then
+   committed in the ledger: a hard kill loses at most the batches in flight.
+
+With ``teacher.max_in_flight > 1`` that many batches are in flight at once (threads), hiding a remote teacher's
+latency. Samples claimed by another live writer are waited for, not bought again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from lightning_kd.cache import TeacherBudget, TeacherBudgetExceeded, TeacherCache, as_logits
+from lightning_kd.teachers import Teacher, TeacherCallError
+
+
+def _batch_key(spec_id: str, idx: np.ndarray) -> str:
+    """An idempotency key for a batch: the same for every attempt, in every process, at the same samples."""
+    return hashlib.sha256(spec_id.encode() + np.sort(idx).astype("<i8").tobytes()).hexdigest()[:32]
+
+
+def _known_unprocessed(teacher: Teacher, err: BaseException) -> bool:
+    """Only a local module's failure, or one the teacher says never reached processing, is free."""
+    if isinstance(err, TeacherCallError):
+        return err.processed is False
+    return isinstance(teacher, nn.Module) and isinstance(err, Exception)
+
+
+class _Fill:
+    """The state of one writer's fill, shared by its worker threads."""
+
+    def __init__(self, teacher, dataset, cache, budget, batch_size, device, poll, bar) -> None:
+        self.teacher, self.cache, self.budget = teacher, cache, budget
+        self.dataset, self.batch_size, self.device, self.poll, self.bar = dataset, batch_size, device, poll, bar
+        self.order = np.asarray(dataset.indices)
+        self._pos = np.argsort(self.order)
+        self.policy = getattr(teacher, "retry", None)
+        self.spec_id = repr(cache.spec)
+        self.stop = threading.Event()
+        self.write_lock = threading.Lock()
+        self.errors: list[BaseException] = []
+        self.calls = 0
+        self.short = False  # the budget ran out with samples left to buy
+
+    def load(self, idx: np.ndarray) -> torch.Tensor:
+        positions = self._pos[np.searchsorted(self.order, idx, sorter=self._pos)]
+        x = self.dataset.__getitems__(positions.tolist())["input"]
+        return x if self.device is None else x.to(self.device, non_blocking=True)
+
+    def call(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        with torch.inference_mode():
+            query = getattr(self.teacher, "query", None)
+            return query(x, key=key) if query is not None else self.teacher(x)
+
+    def claim(self, idx: np.ndarray | None = None) -> tuple[str, np.ndarray] | None:
+        """Reserve the next free batch (or what is still free of ``idx``); None when none is free or affordable."""
+        try:
+            return self.budget.claim(self.order if idx is None else idx, self.batch_size, recovered=self.cache.holds)
+        except TeacherBudgetExceeded:
+            self.short = True
+            return None
+
+    def waiting(self) -> int:
+        """Samples of this fill claimed by other live writers (their outputs are awaited, not bought)."""
+        with self.budget.lock:
+            self.budget.ledger.refresh()
+            others = [r.indices for r in self.budget.ledger.pending() if r.writer != self.budget.writer]
+            if not others:
+                return 0
+            return int(np.isin(self.order, np.concatenate([o for o in others if o is not None] or [[]])).sum())
+
+    def run_batch(self, token: str, idx: np.ndarray) -> None:
+        x, key, attempt = self.load(idx), _batch_key(self.spec_id, idx), 1
+        while True:
+            try:
+                out = self.call(x, key)
+                break
+            except BaseException as err:
+                free = _known_unprocessed(self.teacher, err)
+                if free:
+                    self.budget.release(token)
+                else:
+                    self.budget.lose(token, why=f"{type(err).__name__}: {err}"[:300])
+                    self.calls += len(idx)
+                retry = isinstance(err, TeacherCallError) and err.retryable and self.policy is not None
+                if not retry or attempt >= self.policy.attempts or self.stop.is_set():
+                    raise
+                time.sleep(self.policy.delay(attempt, err.retry_after))
+                attempt += 1
+                got = self.claim(idx)  # a possibly paid attempt needs budget of its own
+                if got is None:
+                    return  # out of budget (the samples stay lost) or claimed meanwhile by another writer
+                token, now = got
+                if len(now) != len(idx):
+                    idx, x, key = now, self.load(now), _batch_key(self.spec_id, now)
+        self.calls += len(idx)
+        try:
+            logits = as_logits(out)
+            with self.write_lock:
+                where = self.cache.append(self.budget.writer, token, idx, logits)
+        except BaseException as err:
+            self.budget.lose(token, why=f"outputs not stored: {type(err).__name__}: {err}"[:300])
+            raise
+        self.budget.commit(token, **where)
+        self.bar.update(len(idx))
+
+    def worker(self) -> None:
+        try:
+            while not self.stop.is_set():
+                got = self.claim()
+                if got is None:
+                    if not self.short and self.waiting():
+                        time.sleep(self.poll)
+                        continue
+                    return
+                self.run_batch(*got)
+                self.bar.set_postfix_str(self._status(), refresh=False)
+        except BaseException as err:
+            self.errors.append(err)
+            self.stop.set()
+
+    def _status(self) -> str:
+        s = self.budget.summary()
+        return f"budget {s.used}/{self.budget.total} (in flight {s.in_flight}, lost {s.lost})"
+
+
+def fill_cache(
+    teacher: Teacher,
+    dataset: Dataset,
+    cache: TeacherCache,
+    budget: TeacherBudget,
+    *,
+    batch_size: int = 500,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "teacher -> cache",
+    partial: bool = False,
+    poll: float = 0.2,
+) -> int:
+    """Run ``teacher`` on every sample of ``dataset`` that has no stored output; returns samples sent to it.
+
+    ``dataset`` is an indexed dataset (``.indices``, ``__getitems__``) of the samples wanted, in the order they
+    are bought. When the budget cannot cover the samples that are free (not stored, not claimed by a live
+    writer), :class:`TeacherBudgetExceeded` is raised before any call — unless ``partial``: then it buys what
+    the budget allows. Outputs of calls that returned are stored even when the fill stops on an error.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with budget.lock:
+        budget.ledger.refresh()
+        from lightning_kd.cache.ledger import settle_dead_writers
+
+        settle_dead_writers(budget.ledger, cache.directory, budget.writer, cache.holds)
+        free = budget.free(np.asarray(dataset.indices))
+        if len(free) > budget.remaining and not partial:
+            raise TeacherBudgetExceeded(
+                f"{len(free)} samples need teacher outputs but only {budget.remaining} of the budget "
+                f"{budget.total} remain ({budget.used} used). No call was made."
+            )
+    n_threads = max(1, int(getattr(teacher, "max_in_flight", 1)))
+    bar = tqdm(total=len(dataset), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
+    state = _Fill(teacher, dataset, cache, budget, batch_size, device, poll, bar)
+    try:
+        with bar:
+            if n_threads == 1:
+                state.worker()
+            else:
+                threads = [threading.Thread(target=state.worker, daemon=True) for _ in range(n_threads)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+    finally:
+        budget.close()
+    if state.errors:
+        raise state.errors[0]
+    if state.short and not partial:
+        raise TeacherBudgetExceeded(f"the teacher budget {budget.total} ran out during the fill ({budget.used} used; "
+                                    "other runs on this cache spent part of it). Outputs bought so far are kept.")
+    return state.calls
