@@ -416,11 +416,10 @@ def bench_fill(teacher, samples: int, batch_size: int, device, warmup: int, repe
     import torch
     from torch.utils.data import DataLoader
 
-    from lightning_kd.cache import TeacherBudget
-    from lightning_kd.cache import CacheSpec, TeacherCache
+    from lightning_kd.cache import CacheSpec, TeacherBudget, TeacherCache
     from lightning_kd.data import CIFAR10DataModule
     from lightning_kd.data.base import collate
-    from lightning_kd.data.cached import fill_cache
+    from lightning_kd.data.fill import fill_cache
 
     dm = CIFAR10DataModule()
     dm.setup("fit")
@@ -543,7 +542,7 @@ def build_cache(directory: Path, spec, rows: int, chunk: int) -> dict:
         cache.write(np.arange(start, start + n), block[:n])
     build_s = time.perf_counter() - t0
     build_rss = proc_memory()["VmRSS"] - rss0
-    segments = len(cache._names)
+    segments = cache.n_blocks
     disk_written = _dir_bytes(directory / "segments")
     del cache
     # the cache as a resumed run would read it before compaction: one memory map per segment

@@ -44,12 +44,20 @@ class CountingTeacher:
         time.sleep(self.sleep)
         out = teacher_function(x)
         self.calls += len(x)
-        if self.log:
+        if self.log:  # one line per paid call: the sha256 prefix of each sample, so a sample paid twice shows
+            digests = [hashlib.sha256(row.numpy().tobytes()).hexdigest()[:16] for row in x.detach().cpu().float()]
             with open(self.log, "a") as f:
-                f.write(f"{len(x)}\n")
+                f.write(" ".join(digests) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         return out
+
+
+def logged_samples(log) -> list[str]:
+    """Every sample digest a :class:`CountingTeacher` with ``log`` was paid for (one per sample per call)."""
+    from pathlib import Path
+
+    return Path(log).read_text().split() if Path(log).exists() else []
 
 
 def run_helper(mode: str, *args, cwd):
@@ -70,9 +78,21 @@ def make_datamodule(teacher, cache_dir, budget, **kw):
     return CachedTeacherDataModule(CIFAR10DataModule(batch_size=32), teacher, budget=budget, cache_dir=str(cache_dir), **kw)
 
 
-def _fill(cache_dir: str, log: str, budget: str, batch: str, sleep: str) -> None:
+def _fill(cache_dir: str, log: str, budget: str, batch: str, sleep: str, start_at: str = "0", out: str = "") -> None:
+    """Fill a cache; with ``start_at`` (a time.time() value) wait for that instant first; write a result JSON."""
+    import warnings
+
     dm = make_datamodule(CountingTeacher(sleep=float(sleep), log=log), cache_dir, int(budget), fill_batch_size=int(batch))
-    dm.fill()
+    dm.setup("fit")  # load the data before the start line, so that processes really start together
+    while time.time() < float(start_at):
+        time.sleep(0.001)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.fill()
+    if out:
+        with open(out, "w") as f:
+            json.dump({"calls": dm.new_teacher_calls, "train": len(dm.train_indices),
+                       "selected": len(dm.selected), "warnings": [str(w.message) for w in caught]}, f)
 
 
 def _ddp(out_dir: str, cache_dir: str, budget: str, fail_on_rank: str = "") -> None:

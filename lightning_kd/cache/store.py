@@ -386,7 +386,8 @@ class TeacherCache:
             raise ValueError(f"dataset indices {present[:10].tolist()} already have cached outputs; they are never "
                              "overwritten")
         self.validate(idx, as_logits(logits))
-        writer, token = new_writer_name(), uuid.uuid4().hex[:12]
+        self._writer = getattr(self, "_writer", None) or new_writer_name()  # one segment file per cache object
+        writer, token = self._writer, uuid.uuid4().hex[:12]
         with self.lock:
             self.ledger.refresh()
             self.ledger.append("reserve", id=token, writer=writer, n=len(idx), idx=encode_indices(idx),

@@ -22,9 +22,9 @@ def test_round_trip_fp32_is_exact_and_survives_reopen_and_compaction(tmp_path):
     order = np.argsort(idx)[::-1].copy()
     assert torch.equal(cache.get(idx[order]), logits[order])
     reopened = TeacherCache(tmp_path, SPEC)
-    assert len(reopened._names) == 4
-    reopened.compact()
-    assert len(reopened._names) == 1 and len(list((tmp_path / "segments").glob("*.npy"))) == 2  # index + values
+    assert reopened.n_blocks == 4
+    assert reopened.compact()
+    assert reopened.n_blocks == 1 and len(list((tmp_path / "segments").glob("*.seg"))) == 1
     assert torch.equal(TeacherCache(tmp_path, SPEC).get(idx), logits)
     assert np.array_equal(reopened.indices, np.sort(idx))
 
@@ -76,21 +76,21 @@ def test_reset_moves_the_old_cache_aside_without_losing_it(tmp_path):
 def test_flipped_byte_is_detected_and_named(tmp_path):
     cache = TeacherCache(tmp_path, SPEC)
     _fill(cache)
-    victim = sorted((tmp_path / "segments").glob("*.values.npy"))[1]
+    (victim,) = (tmp_path / "segments").glob("*.seg")
     data = bytearray(victim.read_bytes())
-    data[-7] ^= 0x01
+    data[-200] ^= 0x01  # inside the last block's values
     victim.write_bytes(bytes(data))
-    with pytest.raises(CacheCorruptedError, match=victim.name + ".*sha256"):
+    with pytest.raises(CacheCorruptedError, match=victim.name + ".*fail their checksum.*lkd cache repair"):
         TeacherCache(tmp_path, SPEC)
 
 
 def test_truncated_file_is_detected_and_named(tmp_path):
     cache = TeacherCache(tmp_path, SPEC)
     _fill(cache)
-    victim = sorted((tmp_path / "segments").glob("*.index.npy"))[0]
+    (victim,) = (tmp_path / "segments").glob("*.seg")
     victim.write_bytes(victim.read_bytes()[:-16])
-    with pytest.raises(CacheCorruptedError, match=victim.name + ".*truncated"):
-        TeacherCache(tmp_path, SPEC, verify=False)  # the size check needs no checksum pass
+    with pytest.raises(CacheCorruptedError, match="6 committed outputs are missing"):
+        TeacherCache(tmp_path, SPEC, verify=False)  # the ledger knows what was committed: no checksum pass needed
 
 
 @pytest.mark.parametrize(
@@ -107,6 +107,7 @@ def test_invalid_outputs_are_refused_before_anything_is_stored(tmp_path, bad, ma
     with pytest.raises(ValueError, match=match):
         cache.write(np.arange(4), bad)
     assert len(cache) == 0 and not list((tmp_path / "segments").iterdir())
+    assert TeacherCache(tmp_path, SPEC).ledger.used == 0  # nothing was recorded either
 
 
 def test_outputs_are_never_overwritten(tmp_path):
@@ -124,24 +125,33 @@ def test_missing_index_raises_key_error_naming_it(tmp_path):
         cache.get([1, 7])
 
 
-def test_crash_between_data_and_record_loses_only_that_segment(tmp_path, monkeypatch):
-    import lightning_kd.cache as cache_mod
+def test_outputs_durable_before_their_commit_record_are_kept(tmp_path, monkeypatch):
+    from lightning_kd.cache.ledger import Ledger
 
     cache = TeacherCache(tmp_path, SPEC)
     cache.write(np.arange(4), torch.ones(4, 10))
-    real = cache_mod._atomic_write
+    real = Ledger.append
 
-    def crash_on_record(path, data):
-        if path.suffix == ".json":
-            raise OSError("simulated crash before the commit record")
-        real(path, data)
+    def crash_on_commit(self, op, **fields):
+        if op == "commit":
+            raise KeyboardInterrupt("killed after the outputs were fsynced, before the commit line")
+        return real(self, op, **fields)
 
-    monkeypatch.setattr(cache_mod, "_atomic_write", crash_on_record)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(Ledger, "append", crash_on_commit)
+    with pytest.raises(KeyboardInterrupt):
         cache.write(np.arange(4, 8), torch.zeros(4, 10))
-    monkeypatch.setattr(cache_mod, "_atomic_write", real)
+    monkeypatch.setattr(Ledger, "append", real)
     reopened = TeacherCache(tmp_path, SPEC)
-    assert np.array_equal(reopened.indices, np.arange(4))
-    assert torch.equal(reopened.get(np.arange(4)), torch.ones(4, 10))
-    reopened.compact()  # removes the orphaned data files of the uncommitted segment
-    assert len(list((tmp_path / "segments").glob("*.npy"))) == 2  # the committed segment's index + values
+    assert np.array_equal(reopened.indices, np.arange(8))  # paid and durable: never dropped
+    assert torch.equal(reopened.get(np.arange(4, 8)), torch.zeros(4, 10))
+    assert reopened.ledger.used == 8
+
+
+@pytest.mark.parametrize("bad, match", [([[0.0] * 10] * 4, "returned a list"),
+                                        (torch.zeros(4, 10, dtype=torch.int64), "torch.int64 outputs")])
+def test_outputs_that_are_not_floating_logits_are_refused_naming_why(tmp_path, bad, match):
+    from lightning_kd.cache import as_logits
+
+    with pytest.raises(TypeError, match=match):
+        as_logits(bad)
+    assert as_logits(np.ones((4, 10))).dtype == torch.float32  # a numpy array is converted

@@ -14,7 +14,7 @@ from lightning_kd.cache import TeacherCache
 from lightning_kd.data import fill_cache, select_samples
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from teachers_for_tests import CountingTeacher, make_datamodule, run_helper, teacher_function  # noqa: E402
+from teachers_for_tests import CountingTeacher, logged_samples, make_datamodule, run_helper, teacher_function  # noqa: E402
 
 HELPER = Path(__file__).parents[1] / "teachers_for_tests.py"
 
@@ -160,7 +160,7 @@ def test_kill_9_mid_fill_then_resume(tmp_path):
     committed = after_kill.indices
     snapshot = after_kill.get(committed).clone()
     assert 0 < len(committed) < BUDGET
-    child_calls = sum(int(n) for n in log.read_text().split())
+    child_calls = len(logged_samples(log))
 
     teacher = CountingTeacher()
     dm = make_datamodule(teacher, cache_dir, BUDGET, fill_batch_size=20)

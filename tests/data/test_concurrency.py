@@ -1,0 +1,80 @@
+"""Several processes on one cache, started at the same instant: the budget is spent once, every run gets every
+sample, and a writer killed mid-fill has its claims taken over. Counts come from the teacher's own log."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_kd.cache import TeacherBudget, TeacherCache
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from teachers_for_tests import logged_samples  # noqa: E402
+
+HELPER = Path(__file__).parents[1] / "teachers_for_tests.py"
+BUDGET, BATCH, SLEEP = 300, 20, 0.05
+
+
+def start_fills(tmp_path, n: int, stagger: float = 0.0) -> list[tuple[subprocess.Popen, Path, Path]]:
+    """``n`` fill processes on one cache, released together ``stagger`` seconds apart once all have loaded."""
+    start_at = time.time() + 10  # every process has imported torch and loaded CIFAR-10 by then
+    runs = []
+    for i in range(n):
+        log, out = tmp_path / f"calls{i}.log", tmp_path / f"result{i}.json"
+        args = [tmp_path / "cache", log, BUDGET, BATCH, SLEEP, start_at + i * stagger, out]
+        proc = subprocess.Popen([sys.executable, str(HELPER), "fill", *map(str, args)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        runs.append((proc, log, out))
+    return runs
+
+
+def finish(runs) -> list[dict]:
+    results = []
+    for proc, _, out in runs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.read_text()))
+    return results
+
+
+@pytest.mark.parametrize("n, stagger", [(2, 0.0), (3, 0.0), (2, 0.3)])
+def test_concurrent_fills_spend_the_budget_once_and_all_train_on_every_sample(tmp_path, n, stagger):
+    runs = start_fills(tmp_path, n, stagger)
+    results = finish(runs)
+    paid = [d for _, log, _ in runs for d in logged_samples(log)]
+    assert len(paid) == BUDGET  # counted by the teacher: the budget, once, over all processes
+    assert max(Counter(paid).values()) == 1  # no sample paid twice
+    assert sum(r["calls"] for r in results) == BUDGET
+    assert all(r["train"] == r["selected"] == BUDGET for r in results)  # every run trains on every sample
+    assert not any("lost" in w and "0 lost" not in w for r in results for w in r["warnings"])
+    s = TeacherBudget(BUDGET, tmp_path / "cache").summary()
+    assert (s.used, s.committed, s.lost, s.in_flight) == (BUDGET, BUDGET, 0, 0)
+
+
+def test_kill_9_of_one_writer_while_another_runs(tmp_path):
+    (a, log_a, _), (b, log_b, out_b) = start_fills(tmp_path, 2)
+    cache_dir = tmp_path / "cache"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(logged_samples(log_a)) < 3 * BATCH:
+        assert a.poll() is None, a.stderr.read()
+        time.sleep(0.01)
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    (result_b,) = finish([(b, log_b, out_b)])
+    paid_a, paid_b = logged_samples(log_a), logged_samples(log_b)
+    assert len(paid_a) + len(paid_b) <= BUDGET
+    assert max(Counter(paid_a + paid_b).values()) == 1
+    cache = TeacherCache(cache_dir)
+    s = TeacherBudget(BUDGET, cache_dir).summary()
+    assert s.in_flight == 0 and s.lost <= BATCH  # the killed writer's batch in flight, taken over as lost
+    assert 0 <= s.used - (len(paid_a) + len(paid_b)) <= BATCH  # a reservation counts even if the kill beat the call
+    assert len(cache) == s.committed == BUDGET - s.lost
+    assert result_b["train"] == len(cache)
+    before = cache.get(cache.indices).clone()
+    assert torch.equal(TeacherCache(cache_dir).get(cache.indices), before)
