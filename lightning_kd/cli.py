@@ -4,11 +4,13 @@
 DataModule of this package (or yours) chosen in the config; ``fit`` ends with a test of the best-validation
 checkpoint (``--test_after_fit false`` skips it). ``lkd cache --config <run>.yaml`` only fills the
 teacher-output cache of a :class:`~lightning_kd.data.CachedTeacherDataModule` (a separate job for an expensive
-teacher), spending the budget exactly as ``fit`` would.
+teacher), spending the budget exactly as ``fit`` would. ``lkd cache verify DIR`` reports what a cache holds (exit
+status 1 if damaged); ``lkd cache repair DIR [--used-at-least N]`` keeps what is intact (:mod:`lightning_kd.cache.verify`).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import lightning as L
@@ -45,8 +47,29 @@ class LKDCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
 
 
+def cache_tool(args: list[str]) -> int:
+    """``lkd cache verify DIR`` / ``lkd cache repair DIR [--used-at-least N]``; returns the exit status."""
+    from lightning_kd.cache.verify import repair, verify
+
+    parser = argparse.ArgumentParser(prog="lkd cache", description="check or salvage a teacher-output cache")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("verify", help="report what is intact (exit status 1 if anything is damaged)").add_argument("dir")
+    rep = sub.add_parser("repair", help="keep every intact output and every record of spending")
+    rep.add_argument("dir")
+    rep.add_argument("--used-at-least", type=int, default=None, help="samples known to be paid (e.g. from a bill)")
+    ns = parser.parse_args(args)
+    if ns.command == "verify":
+        report = verify(ns.dir)
+        print(report)
+        return 0 if report.ok else 1
+    print(repair(ns.dir, used_at_least=ns.used_at_least))
+    return 0
+
+
 def main(args: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["cache"] and args[1:2] in (["verify"], ["repair"]):
+        raise SystemExit(cache_tool(args[1:]))
     if args[:1] == ["cache"]:
         from lightning_kd.data import CachedTeacherDataModule
 

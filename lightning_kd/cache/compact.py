@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
@@ -32,8 +35,17 @@ def compact(cache) -> bool:
     return True
 
 
-def _write(cache, idx: np.ndarray, supersedes: list[str]) -> None:
-    """Write ``idx``'s outputs as one new verified segment, record it, rename it, remove what it replaces."""
+def aside_path(folder: Path, name: str) -> Path:
+    """Where a file ``name`` is moved aside in ``folder``, never over an earlier one."""
+    path = folder / name
+    return path.with_name(f"{name}.{time.time_ns()}") if path.exists() else path
+
+
+def _write(cache, idx: np.ndarray, supersedes: list[str], aside: Path | None = None) -> None:
+    """Write ``idx``'s outputs as one new verified segment, record it, rename it, remove what it replaces.
+
+    With ``aside`` (repair), the replaced files are moved into that folder instead of being removed.
+    """
     first = cache._blocks[int(cache._seg_of[idx[0]])]
     width, dtype = first["values"].shape[1], first["values"].dtype
     k = first["topi"].shape[1] if "topi" in first else 0
@@ -68,5 +80,8 @@ def _write(cache, idx: np.ndarray, supersedes: list[str]) -> None:
     tmp.rename(cache.segments_dir / name)
     fsync_dir(cache.segments_dir)
     for old in supersedes:
-        (cache.segments_dir / old).unlink(missing_ok=True)
+        if aside is None:
+            (cache.segments_dir / old).unlink(missing_ok=True)
+        elif (cache.segments_dir / old).exists():
+            os.replace(cache.segments_dir / old, aside_path(aside, old))
     fsync_dir(cache.segments_dir)

@@ -187,6 +187,8 @@ def scan(path: Path, buf=None) -> SegmentScan:
         buf = Path(path).read_bytes()
     size = len(buf)
     pos = 0
+    if size == 0:
+        return out  # created, nothing written yet: a writer that died or found the disk full before its first block
     if bytes(buf[:8]) != FILE_MAGIC or size < 16:
         out.damaged.append("file header: not a segment file (bad magic)")
     else:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_kd.cache import format as fmt
-from lightning_kd.cache.compact import _write
+from lightning_kd.cache.compact import _write, aside_path
 from lightning_kd.cache.errors import CacheCorruptedError, CacheMismatchError
 from lightning_kd.cache.ledger import (
     LEDGER,
@@ -103,7 +103,8 @@ def read_ledger(path: Path) -> LedgerRead:
         strict = Ledger(out.path)
         strict.refresh()
         if strict.header is None:
-            out.strict_error = "no readable 'open' record (the file is empty)"
+            out.strict_error = "no readable 'open' record" + (f" ({out.torn_tail} bytes without a line end)"
+                                                               if out.torn_tail else " (the file is empty)")
     except CacheCorruptedError as err:
         out.strict_error = str(err).split(": ", 1)[-1].split(". Run `lkd", 1)[0]
     return out
@@ -298,12 +299,9 @@ def _verify(directory: Path) -> VerifyReport:
         problems += [f"{src} names another identity" for src, c in copies.items() if _spec(c, src) != spec]
     if not led.ok and (led.exists or salvage.files):
         problems.append(f"ledger: {led.strict_error}")
-    damaged_idx = [r["idx"] for r in led.records if r["op"] == "damaged" and "idx" in r]
-    committed = led.paid_indices() if not led.reservations else np.unique(np.concatenate(
-        [r.indices for r in led.reservations.values() if r.status == "committed" and r.indices is not None]
-        or [np.zeros(0, np.int64)]))
-    if damaged_idx:
-        committed = np.setdiff1d(committed, np.concatenate([decode_indices(d) for d in damaged_idx]))
+    damaged_idx = [decode_indices(r["idx"]) for r in led.records if r["op"] == "damaged" and "idx" in r]
+    done = [r.indices for r in led.reservations.values() if r.status == "committed" and r.indices is not None]
+    committed = np.setdiff1d(np.concatenate(done or [np.zeros(0, np.int64)]), np.concatenate(damaged_idx or [[]]))
     missing = np.setdiff1d(committed, salvage.indices)
     anonymous = sum(r.n for r in led.reservations.values() if r.status != "released" and r.indices is None)
     unpaid = np.setdiff1d(salvage.indices, led.paid_indices())
@@ -313,14 +311,14 @@ def _verify(directory: Path) -> VerifyReport:
         problems.append(f"{len(unpaid)} stored outputs have no reservation in the ledger")
     pending = [r for r in led.reservations.values() if r.status == "pending"]
     dead = sum(r.n for r in pending if not writer_alive(directory, r.writer))
-    n_damaged = sum(len(decode_indices(d)) for d in damaged_idx)
+    n_damaged = sum(len(d) for d in damaged_idx)
     return VerifyReport(
         directory=directory,
         manifest=manifest,
         manifest_copies=list(copies),
         ledger="ok" if led.ok else (led.strict_error or "missing"),
         bad_lines=led.bad,
-        paid=max(led.used, led.max_used, len(salvage.indices) + (len(unpaid) == 0) * 0),
+        paid=max(led.used + len(unpaid), led.max_used),
         committed=led.total("committed") - n_damaged,
         lost=led.total("lost") + dead + n_damaged,
         in_flight=sum(r.n for r in pending) - dead,
@@ -406,7 +404,7 @@ def _repair(directory: Path, used_at_least: int | None) -> RepairReport:
                       used=ledger.used + len(unpaid))
         ledger.append("commit", id=token, by=REPAIR_WRITER, recovered=True)
         actions.append(f"recorded {len(unpaid)} stored outputs that had no reservation as paid (committed)")
-    target = max(led.used, led.max_used, len(salvage.indices), used_at_least or 0)
+    target = max(led.used, led.max_used, len(salvage.indices), used_at_least or 0, used_before)
     if ledger.used < target:
         token = f"repair-{uuid.uuid4().hex[:8]}"
         short = target - ledger.used
@@ -498,7 +496,7 @@ def _fold(directory: Path, salvage: Salvage, ledger: Ledger, spec: CacheSpec, ac
         _write(salvage, salvage.indices, live, aside=aside)
     else:
         for name in live:
-            os.replace(salvage.segments_dir / name, aside / name)
+            os.replace(salvage.segments_dir / name, aside_path(aside, name))
         fsync_dir(salvage.segments_dir)
     actions.append(f"wrote the {len(salvage.indices)} intact outputs into one new segment; moved "
                    f"{', '.join(live)} to {aside} ({'; '.join(salvage.problems[:3])})")

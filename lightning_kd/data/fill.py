@@ -12,7 +12,8 @@ Each batch goes through the same steps, whatever the teacher and however many pr
    committed in the ledger: a hard kill loses at most the batches in flight.
 
 With ``teacher.max_in_flight > 1`` that many batches are in flight at once (threads), hiding a remote teacher's
-latency. Samples claimed by another live writer are waited for, not bought again.
+latency; each thread calls ``teacher.close()`` (when there is one) as it ends. Samples claimed by another live
+writer are waited for, not bought again.
 """
 
 from __future__ import annotations
@@ -135,6 +136,10 @@ class _Fill:
         except BaseException as err:
             self.errors.append(err)
             self.stop.set()
+        finally:
+            close = getattr(self.teacher, "close", None)  # per-thread resources (a remote teacher's connection)
+            if callable(close) and not isinstance(self.teacher, nn.Module):
+                close()
 
     def _status(self) -> str:
         s = self.budget.summary()
