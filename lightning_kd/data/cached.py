@@ -204,6 +204,7 @@ class CachedTeacherDataModule(IndexedDataModule):
         self.num_classes = datamodule.num_classes
         self.cache: TeacherCache | None = None
         self.budget_state: TeacherBudget | None = None
+        self.teacher: Teacher | None = None  # the resolved teacher, once the fill ran
         self.new_teacher_calls = 0  # samples this run (all its ranks) sent to the teacher
         self._checkpoint_budget: dict[str, int] = {}
 
@@ -286,7 +287,7 @@ class CachedTeacherDataModule(IndexedDataModule):
             cache.compact()
         self._barrier()
         cache.refresh()
-        self.cache, self.budget_state = cache, budget
+        self.cache, self.budget_state, self.teacher = cache, budget, teacher
         self.new_teacher_calls = self._all_sum(calls)
         self.train_indices = self.selected[cache.contains(self.selected)]
         s = budget.summary()
