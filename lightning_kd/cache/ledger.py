@@ -39,6 +39,7 @@ from lightning_kd.cache.lock import DirectoryLock, WriterLease, fsync_dir, lease
 
 LEDGER = "ledger.jsonl"
 FORMAT_VERSION = 2
+FREE, PENDING, STORED = 0, 1, 2
 
 
 def encode_indices(idx: np.ndarray) -> str:
@@ -74,6 +75,7 @@ class Ledger:
     plans: list[dict] = field(default_factory=list)
     compactions: list[dict] = field(default_factory=list)
     damaged: list[np.ndarray] = field(default_factory=list)
+    state: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # per dataset index: FREE/PENDING/STORED
     used: int = 0
     _last_line: bytes = b""
     _torn: tuple[int, bytes] | None = None
@@ -159,11 +161,13 @@ class Ledger:
             if int(rec["used"]) != self.used:
                 raise ValueError(f"running total {self.used} != recorded {rec['used']}: an earlier line is missing")
             self.reservations[rec["id"]] = Reservation(str(rec["id"]), str(rec["writer"]), n, idx)
+            self._mark(idx, PENDING)
         elif op in ("commit", "release", "lost"):
             res = self.reservations[rec["id"]]
             if res.status != "pending":
                 raise ValueError(f"reservation {res.id} is already {res.status}")
             res.status = {"commit": "committed", "release": "released", "lost": "lost"}[op]
+            self._mark(res.indices, STORED if op == "commit" else FREE)
             if op == "release":
                 self.used -= res.n
         elif op == "plan":
@@ -172,6 +176,7 @@ class Ledger:
             self.compactions.append(rec)
         elif op == "damaged":
             self.damaged.append(decode_indices(rec["idx"]))
+            self._mark(self.damaged[-1], FREE)  # paid and lost: free to be bought again with budget left
         elif op != "torn":
             raise ValueError(f"unknown op {op!r}")
 
@@ -211,16 +216,25 @@ class Ledger:
     def pending(self) -> list[Reservation]:
         return [r for r in self.reservations.values() if r.status == "pending"]
 
-    def indices_with(self, status: str) -> np.ndarray:
-        parts = [r.indices for r in self.reservations.values() if r.status == status and r.indices is not None]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    def _mark(self, idx: np.ndarray | None, value: int) -> None:
+        if idx is None or not len(idx):
+            return
+        top = int(idx.max()) + 1
+        if top > len(self.state):
+            self.state = np.concatenate([self.state, np.zeros(max(top, 2 * len(self.state)) - len(self.state), np.int8)])
+        self.state[idx] = value
+
+    def status(self, indices: np.ndarray) -> np.ndarray:
+        """FREE / PENDING / STORED of each of ``indices`` (the latest record about it wins)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.zeros(len(idx), dtype=np.int8)
+        inside = idx < len(self.state)
+        out[inside] = self.state[idx[inside]]
+        return out
 
     def committed_indices(self) -> np.ndarray:
         """Samples whose outputs were committed and not later found damaged."""
-        done = self.indices_with("committed")
-        if self.damaged:
-            done = np.setdiff1d(done, np.concatenate(self.damaged))
-        return done
+        return np.flatnonzero(self.state == STORED)
 
 
 def holds_outputs(directory: Path) -> bool:
@@ -405,9 +419,8 @@ class TeacherBudget:
 
     def free(self, candidates: np.ndarray) -> np.ndarray:
         """``candidates`` without committed outputs and without a pending claim (call under the lock)."""
-        led = self.ledger
-        taken = [led.committed_indices()] + [r.indices for r in led.pending() if r.indices is not None]
-        return np.asarray(candidates)[~np.isin(candidates, np.concatenate(taken))]
+        candidates = np.asarray(candidates)
+        return candidates[self.ledger.status(candidates) == FREE]
 
     def _take_over(self, recovered) -> None:
         settle_dead_writers(self.ledger, self.directory, self.writer, recovered)
@@ -437,7 +450,10 @@ class TeacherBudget:
             self.ledger.append(op, **fields)
 
     def close(self) -> None:
-        """End this writer: its still-pending reservations are lost; other writers no longer wait for it."""
+        """End this writer: its still-pending reservations are lost; other writers no longer wait for it.
+
+        The budget object stays usable; its next reservation starts a new writer (a new name and segment file).
+        """
         if self._lease is None:
             return
         with self.lock:
@@ -447,6 +463,7 @@ class TeacherBudget:
                     self.ledger.append("lost", id=r.id, why="its writer stopped before storing the outputs")
             self._lease.release()
             self._lease = None
+        self.writer = new_writer_name()  # a later fill is a new writer: its segment file is never a replaced one
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:

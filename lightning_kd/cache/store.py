@@ -290,6 +290,8 @@ class TeacherCache:
         anonymous = sum(r.n for r in led.reservations.values() if r.status != "released" and r.indices is None)
         unpaid = np.setdiff1d(have, np.concatenate(paid)) if paid else have
         problems = list(self.damage)
+        if led.header is None and self._views:
+            problems.insert(0, f"{led.path.name} is missing or has no readable first line, but outputs are stored")
         if len(missing):
             problems.append(f"{len(missing)} committed outputs are missing or damaged (dataset indices "
                             f"{missing[:8].tolist()}{' ...' if len(missing) > 8 else ''})")
@@ -435,4 +437,7 @@ def read_manifest(path: Path) -> CacheSpec:
                                  "version reads format 2. Its outputs are intact: keep the directory, fill a new one.")
     if version != 2:
         raise CacheCorruptedError(f"{path}: unknown cache format version {version!r}." + recovery_hint(path.parent))
-    return CacheSpec.from_dict(body, path)
+    try:
+        return CacheSpec.from_dict(body, path)
+    except CacheCorruptedError as err:
+        raise CacheCorruptedError(f"{err}." + recovery_hint(path.parent)) from None

@@ -437,7 +437,11 @@ def _identity(directory: Path, led: LedgerRead, salvage: Salvage, actions: list[
     if None in specs or len(specs) != 1:
         listing = "; ".join(f"{src}: {s}" for src, s in copies.items()) or "none found"
         raise CacheMismatchError(f"teacher cache {directory}: the copies of its identity do not agree ({listing}); "
-                                 "repair cannot tell which outputs belong here. Move the foreign files out.")
+                                 "repair cannot tell which outputs belong here. Move the foreign files out"
+                                 + (" (only manifest.json, which has no checksum, differs: if it was damaged rather "
+                                    "than replaced, move it aside and run repair again)"
+                                    if stored is not None and len(set(copies.values()) - {stored}) == 1 and
+                                    len(copies) > 1 and list(copies.values()).count(stored) == 1 else "") + ".")
     spec = specs.pop()
     if stored is None:
         path = directory / MANIFEST

@@ -116,14 +116,14 @@ def test_repair_keeps_lost_spending_the_readable_lines_prove(filled):
     directory, calls, snap = filled
     budget = TeacherBudget(BUDGET + 100, directory)
     budget.lose(budget.reserve(20), why="test: paid, no output")
-    budget.record("plan", note="after")
+    budget.lose(budget.reserve(5), why="test: paid, no output")  # its running total (325) proves the 20
     budget.close()
     lines = (directory / "ledger.jsonl").read_bytes().splitlines(keepends=True)
     at = next(i for i, line in enumerate(lines) if b'"n":20' in line)
     lines[at] = lines[at].replace(b'"n":20', b'"n":21')  # now fails its crc
     (directory / "ledger.jsonl").write_bytes(b"".join(lines))
     _refused(directory, CacheCorruptedError, "ledger.jsonl", f"line {at}")
-    assert repair(directory).used_after == BUDGET + 20
+    assert repair(directory).used_after == BUDGET + 25
     assert repair(directory, used_at_least=BUDGET + 50).used_after == BUDGET + 50
     assert TeacherBudget(BUDGET, directory).used == BUDGET + 50
     assert_kept(directory, snap)
@@ -140,7 +140,7 @@ def test_manifest_deleted_then_another_teacher_is_refused(filled):
     assert "ledger open record" in verify(directory).manifest_copies
     repair(directory)
     assert TeacherCache(directory).spec.teacher == CountingTeacher.fingerprint
-    with pytest.raises(CacheMismatchError, match="teacher: cache has 'test-teacher-v1', requested 'another-teacher-v1'"):
+    with pytest.raises(CacheMismatchError, match="cache has 'test-teacher-v1', requested 'another-teacher-v1'"):
         resume(directory, teacher=other)
     assert other.calls == 0
     assert_kept(directory, snap)

@@ -267,3 +267,22 @@ def test_ddp_a_failing_rank_stops_every_rank_and_keeps_committed_outputs(tmp_pat
     cache = TeacherCache(tmp_path / "cache")
     assert len(cache) > 0  # what returned before the failure is kept (rank 0 may have finished rank 1's share)
     assert TeacherBudget(BUDGET, tmp_path / "cache").used == len(cache)
+
+
+def test_a_resume_whose_paid_outputs_were_all_lost_buys_what_the_budget_still_allows(tmp_path):
+    """A writer that died holding claims on 100 samples: paid and lost. The resume buys the 200 the budget still
+    allows and trains on them, with a warning, instead of refusing."""
+    dm = make_datamodule(CountingTeacher(), tmp_path, BUDGET)
+    dm.setup("fit")
+    dm._open_cache(CountingTeacher())
+    dead = TeacherBudget(BUDGET, tmp_path)
+    dead.claim(dm.selected, 100)
+    dead._lease.release()  # killed after the call, before its outputs were stored
+    dead._lease = None
+    teacher = CountingTeacher()
+    resumed = make_datamodule(teacher, tmp_path, BUDGET, fill_batch_size=50)
+    with pytest.warns(UserWarning, match=r"100 of the 300 selected samples have no teacher outputs and the budget"):
+        resumed.fill()
+    assert teacher.calls == 200 and len(resumed.train_indices) == 200
+    s = resumed.budget_state.summary()
+    assert (s.used, s.committed, s.lost) == (BUDGET, 200, 100)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from lightning_kd.cache import TeacherBudget, TeacherCache
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from teachers_for_tests import logged_samples  # noqa: E402
+from teachers_for_tests import CountingTeacher, logged_samples, make_datamodule  # noqa: E402
 
 HELPER = Path(__file__).parents[1] / "teachers_for_tests.py"
 BUDGET, BATCH, SLEEP = 300, 20, 0.05
@@ -78,3 +79,34 @@ def test_kill_9_of_one_writer_while_another_runs(tmp_path):
     assert result_b["train"] == len(cache)
     before = cache.get(cache.indices).clone()
     assert torch.equal(TeacherCache(cache_dir).get(cache.indices), before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(10))
+def test_kill_9_of_a_lone_fill_at_a_random_moment_loses_at_most_one_batch(tmp_path, trial):
+    import random
+
+    (proc, log, _), = start_fills(tmp_path, 1)
+    cache_dir = tmp_path / "cache"
+    while len(logged_samples(log)) < BATCH:  # the fill is under way ...
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.005)
+    time.sleep(random.Random(trial).uniform(0, (BUDGET / BATCH - 2) * SLEEP))  # ... then a random moment
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    paid = len(logged_samples(log))
+    s = TeacherBudget(BUDGET, cache_dir).summary()
+    assert paid <= s.used <= BUDGET and s.used - s.committed - s.lost == 0
+    assert s.lost <= BATCH, f"trial {trial}: {s.lost} lost"  # at most the batch in flight
+    before = TeacherCache(cache_dir)
+    snapshot = before.get(before.indices).clone()
+    teacher = CountingTeacher()
+    dm = make_datamodule(teacher, cache_dir, BUDGET, fill_batch_size=BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the lost batch cannot be bought again: the fill says so
+        dm.fill()
+    assert paid + teacher.calls <= BUDGET
+    assert torch.equal(dm.cache.get(before.indices), snapshot)  # committed outputs byte-identical
+    assert len(dm.train_indices) == BUDGET - s.lost
+    print(f"trial {trial}: killed after {paid} paid samples; stored {s.committed}, lost {s.lost}; resume paid "
+          f"{teacher.calls}; trains on {len(dm.train_indices)}")
