@@ -331,7 +331,12 @@ def step_variants(cfg: StepConfig) -> dict[str, Callable[[], None]]:
     """The optimizer steps compared in section 1, keyed by variant name."""
     import torch
 
-    from lightning_kd.modules import ComparativeDistillation, GapPreservingDistillation, KnowledgeDistillation, Supervised
+    from lightning_kd.modules import (
+        ComparativeDistillation,
+        GapPreservingDistillation,
+        KnowledgeDistillation,
+        Supervised,
+    )
 
     batches = make_batches(cfg)
     autocast = (lambda: torch.autocast(cfg.device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext

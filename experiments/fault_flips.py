@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from teachers_for_tests import CountingTeacher, make_datamodule  # noqa: E402
 
 from lightning_kd.cache import TeacherBudgetExceeded, TeacherCache  # noqa: E402
-from lightning_kd.cache.verify import repair  # noqa: E402
+from lightning_kd.cache.repair import repair  # noqa: E402
 
 BUDGET = 300
 

@@ -5,8 +5,14 @@ A budgeted, persistent teacher-output cache (:class:`CachedTeacherDataModule`, :
 (:class:`GapPreservingDistillation`, :func:`lightning_kd.reparam.expand`).
 """
 
-from lightning_kd.cache import TeacherBudget, TeacherBudgetExceeded
-from lightning_kd.cache import CacheCorruptedError, CacheMismatchError, CacheSpec, TeacherCache
+from lightning_kd.cache import (
+    CacheCorruptedError,
+    CacheMismatchError,
+    CacheSpec,
+    TeacherBudget,
+    TeacherBudgetExceeded,
+    TeacherCache,
+)
 from lightning_kd.callbacks import DynamicTeacherSharing, StudentExtraction, TeacherBudgetMonitor
 from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
 from lightning_kd.models import create_model

@@ -50,7 +50,8 @@ class LKDCLI(LightningCLI):
 
 def cache_tool(args: list[str]) -> int:
     """``lkd cache verify DIR`` / ``lkd cache repair DIR [--used-at-least N]``; returns the exit status."""
-    from lightning_kd.cache.verify import repair, verify
+    from lightning_kd.cache.repair import repair
+    from lightning_kd.cache.verify import verify
 
     parser = argparse.ArgumentParser(prog="lkd cache", description="check or salvage a teacher-output cache")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -5,9 +5,10 @@ paid; both live in one directory, guarded by one lock (``lock``), written in a c
 compacted (``compact``), and checked or salvaged by ``verify`` (``lkd cache verify|repair DIR``).
 """
 
+from lightning_kd.cache.budget import LedgerSummary, TeacherBudget
 from lightning_kd.cache.errors import CacheCorruptedError, CacheMismatchError, TeacherBudgetExceeded
-from lightning_kd.cache.ledger import LedgerSummary, TeacherBudget
-from lightning_kd.cache.store import CacheSpec, TeacherCache, as_logits, decode_topk, encode_topk
+from lightning_kd.cache.spec import CacheSpec, as_logits, decode_topk, encode_topk
+from lightning_kd.cache.store import TeacherCache
 
 __all__ = [
     "CacheCorruptedError",

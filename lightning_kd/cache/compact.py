@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from lightning_kd.cache import format as fmt
-from lightning_kd.cache.ledger import new_writer_name, settle_dead_writers
+from lightning_kd.cache.budget import settle_dead_writers
+from lightning_kd.cache.ledger import new_writer_name
 from lightning_kd.cache.lock import fsync_dir
 
 

@@ -13,9 +13,6 @@ both are read and checked against each other. Outputs the ledger has no reservat
 are missing or fail their checksum, a manifest that is gone while outputs remain, or a segment made for another
 identity stop the run with :class:`CacheCorruptedError` (or :class:`CacheMismatchError`) naming the file and
 the ``lkd cache`` command that recovers; nothing is ever deleted to make the two agree.
-
-Top-k storage keeps the k largest logits exactly (fp16) and one value r for all other classes, chosen so that
-their total probability mass at T = 1 is preserved: r = logsumexp(rest) - log(C - k).
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -35,72 +31,7 @@ from lightning_kd.cache import format as fmt
 from lightning_kd.cache.errors import CacheCorruptedError, CacheMismatchError, recovery_hint
 from lightning_kd.cache.ledger import Ledger, create_ledger, encode_indices, new_writer_name
 from lightning_kd.cache.lock import DirectoryLock, fsync_dir, writer_alive
-
-StorageDtype = Literal["float32", "float16", "topk"]
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """What the cached outputs are; a cache whose manifest differs in any field is refused."""
-
-    teacher: str
-    dataset: str
-    view: str
-    num_classes: int
-    dtype: StorageDtype = "float32"
-    topk: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "float16", "topk"):
-            raise ValueError(f"dtype must be 'float32', 'float16' or 'topk', got {self.dtype!r}")
-        if self.dtype == "topk" and not (self.topk and 0 < self.topk < self.num_classes):
-            raise ValueError(f"topk storage needs 0 < topk < num_classes ({self.num_classes}), got {self.topk}")
-        if self.dtype != "topk" and self.topk is not None:
-            raise ValueError(f"topk={self.topk} is only meaningful with dtype='topk'")
-
-    @classmethod
-    def from_dict(cls, body: object, source: Path | str) -> CacheSpec:
-        """Parse a stored identity; anything but the expected fields and types is :class:`CacheCorruptedError`."""
-        types = {"teacher": str, "dataset": str, "view": str, "num_classes": int, "dtype": str}
-        if not isinstance(body, dict) or set(body) - {*types, "topk"} or not set(types) <= set(body):
-            raise CacheCorruptedError(f"{source}: not a cache identity (fields {sorted(body) if isinstance(body, dict) else type(body).__name__})")
-        for key, typ in types.items():
-            if not isinstance(body[key], typ) or isinstance(body[key], bool):
-                raise CacheCorruptedError(f"{source}: field {key!r} should be {typ.__name__}, got {body[key]!r}")
-        if body.get("topk") is not None and not isinstance(body["topk"], int):
-            raise CacheCorruptedError(f"{source}: field 'topk' should be an integer, got {body['topk']!r}")
-        try:
-            return cls(**body)
-        except ValueError as err:
-            raise CacheCorruptedError(f"{source}: {err}") from err
-
-
-def encode_topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, C) logits -> fp16 (n, k + 1) [top-k logits, rest value r] and int32 (n, k) class ids."""
-    top, ids = logits.topk(k, dim=1)
-    rest = logits.scatter(1, ids, float("-inf"))
-    r = torch.logsumexp(rest, dim=1, keepdim=True) - np.log(logits.shape[1] - k)
-    return torch.cat([top, r], 1).to(torch.float16).numpy(), ids.to(torch.int32).numpy()
-
-
-def decode_topk(values: np.ndarray, ids: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse of :func:`encode_topk`: float32 (n, C) logits with the rest classes at the value r."""
-    v = torch.from_numpy(np.asarray(values, dtype=np.float32))
-    out = v[:, -1:].expand(-1, num_classes).clone()
-    return out.scatter_(1, torch.from_numpy(np.asarray(ids, dtype=np.int64)), v[:, :-1])
-
-
-def as_logits(outputs: object) -> torch.Tensor:
-    """A teacher's outputs as a float32 CPU tensor; a numpy array is converted, anything else is refused."""
-    if isinstance(outputs, np.ndarray):
-        outputs = torch.from_numpy(outputs)
-    if not isinstance(outputs, torch.Tensor):
-        raise TypeError(f"the teacher returned a {type(outputs).__name__}; it must return a tensor (or numpy array) "
-                        "of logits")
-    if not outputs.is_floating_point():
-        raise TypeError(f"the teacher returned {outputs.dtype} outputs; logits must be floating point (class ids "
-                        "or integer scores cannot be distilled from)")
-    return outputs.detach().to("cpu", torch.float32)
+from lightning_kd.cache.spec import CacheSpec, as_logits, decode_topk, encode_topk, read_manifest
 
 
 @dataclass
@@ -200,15 +131,21 @@ class TeacherCache:
         """Segment files that serve outputs: all but those a recorded (and present) compaction replaced.
 
         A compaction is recorded before its file is renamed into place, so a record whose file is absent (a crash
-        in between) never took effect. Under the lock, on a writable directory, replaced files and ``.tmp``
-        leftovers of crashed writes are removed here.
+        in between) never took effect. Under the lock, on a writable directory, ``.tmp`` leftovers of crashed
+        writes are removed here, and so are replaced files a crash left behind — only once the file that replaced
+        them verifies (else they are kept: they may be the last intact copy).
         """
         done = [c for c in self.ledger.compactions if (self.segments_dir / c["seg"]).exists()]
         superseded = {name for c in done for name in c["supersedes"]}
         files = self._segment_files()
         if self.lock.writable and self.segments_dir.is_dir():
-            for path in [p for p in files if p.name in superseded] + list(self.segments_dir.glob(".*.tmp")):
+            for path in self.segments_dir.glob(".*.tmp"):
                 path.unlink(missing_ok=True)
+            for c in done:
+                left = [p for p in files if p.name in c["supersedes"]]
+                if left and _intact(self.segments_dir / c["seg"]):
+                    for path in left:
+                        path.unlink(missing_ok=True)
         return [p for p in files if p.name not in superseded]
 
     def holds(self, token: str, writer: str) -> bool:
@@ -377,7 +314,8 @@ class TeacherCache:
         else:
             values, topi = logits.numpy().astype(self.spec.dtype), None
         path = self.segments_dir / f"{writer}.seg"
-        offset = fmt.append(path, fmt.encode_block(token, idx, values, topi), fmt.file_header(asdict(self.spec), writer))
+        block = fmt.encode_block(token, idx, values, topi)
+        offset = fmt.append(path, block, fmt.file_header(asdict(self.spec), writer))
         return {"seg": path.name, "offset": offset}
 
     def write(self, indices: np.ndarray | torch.Tensor, logits: torch.Tensor) -> str:
@@ -422,22 +360,8 @@ class TeacherCache:
         return f"TeacherCache({str(self.directory)!r}, {len(self)} outputs, dtype={s.dtype}, classes={s.num_classes})"
 
 
-def read_manifest(path: Path) -> CacheSpec:
-    """The identity in ``manifest.json``; unreadable or ill-typed content is :class:`CacheCorruptedError`."""
-    try:
-        body = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CacheCorruptedError(f"{path} is not valid JSON ({err})." + recovery_hint(path.parent)) from None
-    if not isinstance(body, dict):
-        raise CacheCorruptedError(f"{path} should hold a JSON object, got {type(body).__name__}."
-                                  + recovery_hint(path.parent))
-    version = body.pop("format_version", None)
-    if version == 1:
-        raise CacheMismatchError(f"{path}: a format-1 cache (written by lightning_kd before the shared ledger); this "
-                                 "version reads format 2. Its outputs are intact: keep the directory, fill a new one.")
-    if version != 2:
-        raise CacheCorruptedError(f"{path}: unknown cache format version {version!r}." + recovery_hint(path.parent))
-    try:
-        return CacheSpec.from_dict(body, path)
-    except CacheCorruptedError as err:
-        raise CacheCorruptedError(f"{err}." + recovery_hint(path.parent)) from None
+def _intact(path: Path) -> bool:
+    """Whether a segment file scans clean and every chunk passes its checksum."""
+    buf = fmt.open_map(path)
+    scan = fmt.scan(path, buf)
+    return not scan.damaged and not scan.torn_tail and not any(fmt.bad_chunks(buf, b) for b in scan.blocks)

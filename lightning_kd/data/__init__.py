@@ -2,8 +2,8 @@
 
 from lightning_kd.data.base import IndexedDataModule, IndexedImages, collate
 from lightning_kd.data.cached import CachedTeacherDataModule, select_samples
-from lightning_kd.data.fill import fill_cache
 from lightning_kd.data.cifar import CIFAR10DataModule, DataNotFoundError, default_data_dir, load_cifar10
+from lightning_kd.data.fill import fill_cache
 from lightning_kd.data.tuples import sample_tuples, split_sides
 
 __all__ = [

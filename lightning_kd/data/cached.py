@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lightning_kd.cache import CacheSpec, TeacherBudget, TeacherBudgetExceeded, TeacherCache
-from lightning_kd.cache.ledger import LedgerSummary
+from lightning_kd.cache.budget import LedgerSummary
 from lightning_kd.data.base import IndexedDataModule, collate
 from lightning_kd.data.cifar import default_cache_dir, default_data_dir
 from lightning_kd.data.fill import fill_cache

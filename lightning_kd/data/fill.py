@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lightning_kd.cache import TeacherBudget, TeacherBudgetExceeded, TeacherCache, as_logits
+from lightning_kd.cache.budget import settle_dead_writers
 from lightning_kd.teachers import Teacher, TeacherCallError
 
 
@@ -170,8 +171,6 @@ def fill_cache(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     with budget.lock:
         budget.ledger.refresh()
-        from lightning_kd.cache.ledger import settle_dead_writers
-
         settle_dead_writers(budget.ledger, cache.directory, budget.writer, cache.holds)
         free = budget.free(np.asarray(dataset.indices))
         if len(free) > budget.remaining and not partial:

@@ -13,7 +13,8 @@ import pytest
 
 from lightning_kd.cache import CacheCorruptedError, CacheMismatchError, TeacherBudget, TeacherCache
 from lightning_kd.cache import format as fmt
-from lightning_kd.cache.verify import repair, verify
+from lightning_kd.cache.repair import repair
+from lightning_kd.cache.verify import verify
 from lightning_kd.cli import cache_tool
 
 sys.path.insert(0, str(Path(__file__).parents[1]))

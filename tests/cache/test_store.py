@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_kd.cache import CacheCorruptedError, CacheMismatchError, CacheSpec, TeacherCache, decode_topk, encode_topk
+from lightning_kd.cache import (
+    CacheCorruptedError,
+    CacheMismatchError,
+    CacheSpec,
+    TeacherCache,
+    decode_topk,
+    encode_topk,
+)
 
 SPEC = CacheSpec(teacher="sha256:t", dataset="d", view="clean(raw)", num_classes=10)
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_kd.cache import TeacherBudget, TeacherBudgetExceeded
-from lightning_kd.cache import TeacherCache
+from lightning_kd.cache import TeacherBudget, TeacherBudgetExceeded, TeacherCache
 from lightning_kd.data import fill_cache, select_samples
 
 sys.path.insert(0, str(Path(__file__).parents[1]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +9,6 @@ from torch import nn
 
 from lightning_kd.models import create_model
 from lightning_kd.reparam import ConvBranches, WideConv2d, expand, extract_student
-
 
 
 class BranchNet(nn.Module):

@@ -9,7 +9,6 @@ depthwise convs are too slow on CPU to do that for the timm models.
 
 from __future__ import annotations
 
-
 import pytest
 import timm
 import torch
@@ -26,7 +25,6 @@ from lightning_kd.reparam import (
     expand,
     wide_channels,
 )
-
 
 MODELS = ["resnet8", "resnet20", "resnet8x4", "resnet18", "mobilenetv2_050"]
 

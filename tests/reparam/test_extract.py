@@ -14,7 +14,6 @@ from lightning_kd.models import create_model
 from lightning_kd.reparam import DynamicTeacher, expand, extract_student
 
 
-
 class TinyNet(nn.Module):
     """Biased stem, ReLU6/GELU as functions, 1x1 projection add, depthwise + BatchNormAct2d(SiLU)."""
 
