@@ -285,3 +285,55 @@ def test_a_resume_whose_paid_outputs_were_all_lost_buys_what_the_budget_still_al
     assert teacher.calls == 200 and len(resumed.train_indices) == 200
     s = resumed.budget_state.summary()
     assert (s.used, s.committed, s.lost) == (BUDGET, 200, 100)
+
+
+@pytest.mark.parametrize("change", [{"selection": "class_balanced"}, {"seed": 5, "view": "clean"}])
+def test_a_changed_selection_that_would_leave_paid_outputs_unused_is_refused_naming_the_setting(tmp_path, change):
+    base = {"view": change.get("view", "augmented")}
+    first = CountingTeacher()
+    make_datamodule(first, tmp_path, BUDGET, fill_batch_size=100, **base).fill()
+    snapshot = TeacherCache(tmp_path).get(TeacherCache(tmp_path).indices).clone()
+    teacher = CountingTeacher()
+    setting = next(k for k in change if k != "view")
+    with pytest.raises(TeacherBudgetExceeded, match=rf"unused \(changed since they were bought: {setting} .*"
+                                                    r"selection='cached'"):
+        make_datamodule(teacher, tmp_path, BUDGET, **{**base, **change}).fill()
+    assert teacher.calls == 0
+    cached = make_datamodule(teacher, tmp_path, BUDGET, **{**base, **change, "selection": "cached"})
+    cached.fill()  # the documented way out: train on what was paid for
+    assert teacher.calls == 0 and len(cached.train_indices) == BUDGET
+    assert torch.equal(cached.cache.get(cached.cache.indices), snapshot)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"budget": 0}, "budget must be an integer >= 1, got 0"),
+    ({"budget": 300.5}, "budget must be an integer >= 1, got 300.5"),
+    ({"budget": "300"}, "budget must be an integer >= 1, got '300'"),
+    ({"budget": -5}, "budget must be an integer >= 1, got -5"),
+    ({"fill_batch_size": 0}, "fill_batch_size must be an integer >= 1"),
+    ({"selection": "best"}, "selection must be"),
+])
+def test_bad_arguments_are_refused_at_construction_naming_them(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        make_datamodule(CountingTeacher(), tmp_path / "cache", **{"budget": BUDGET, **kw})
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_budget_larger_than_the_pool_is_refused_before_the_cache_is_made(tmp_path):
+    dm = make_datamodule(CountingTeacher(), tmp_path / "cache", 50_001)
+    with pytest.raises(ValueError, match="budget 50001 exceeds the 45000 training samples"):
+        dm.setup("fit")
+    assert not (tmp_path / "cache").exists()
+
+
+class ClassIdTeacher(CountingTeacher):
+    def __call__(self, x):
+        return super().__call__(x).argmax(1)  # class ids, not logits
+
+
+def test_a_teacher_returning_class_ids_is_refused_naming_the_dtype_and_the_call_stays_paid(tmp_path):
+    teacher = ClassIdTeacher()
+    with pytest.raises(TypeError, match="torch.int64 outputs; logits must be floating point"):
+        make_datamodule(teacher, tmp_path, BUDGET, fill_batch_size=100).fill()
+    s = TeacherBudget(BUDGET, tmp_path).summary()
+    assert teacher.calls == 100 and (s.used, s.lost, s.committed) == (100, 100, 0)

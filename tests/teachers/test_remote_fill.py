@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from lightning_kd.cache import TeacherBudget, TeacherCache
 from lightning_kd.teachers import RemoteTeacher, RetryPolicy
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from remote_server import read_count, start_server  # noqa: E402
+from remote_server import read_count, spawn_server, start_server  # noqa: E402
 from teachers_for_tests import make_datamodule, teacher_function  # noqa: E402
 
 BUDGET, BATCH = 120, 20
@@ -87,14 +88,46 @@ def test_nan_replies_are_never_stored_and_the_error_names_them(tmp_path):
     assert len(cache) == s.committed and np.isfinite(cache.get(cache.indices).numpy()).all()
 
 
-def test_server_killed_mid_fill_then_back(tmp_path):
-    """Connection refused is known unprocessed: free and retried; the fill completes once the server is back."""
-    with start_server(count_file=tmp_path / "count", faults={"drop": {"next": 0}}) as srv:
-        port = int(srv.url.rsplit(":", 1)[1].split("/")[0])
-        url = srv.url
-    with start_server(count_file=tmp_path / "count", port=port):
-        dm, _ = fill(url, tmp_path / "cache")
-    assert read_count(tmp_path / "count") == BUDGET and len(dm.train_indices) == BUDGET
+def test_server_killed_mid_fill_and_restarted(tmp_path):
+    """Requests in flight at the kill may have been processed: paid and lost. While the server is down, connection
+    refused is known unprocessed: free and retried. The fill completes once it is back; nothing is paid twice."""
+    count = tmp_path / "count"
+    args = ["--count-file", str(count), "--latency", "0.05"]
+    proc, url = spawn_server(*args)
+    port = url.split(":")[2].split("/")[0]
+    teacher = remote(url, max_in_flight=2, retry=RetryPolicy(attempts=40, backoff=0.1, max_backoff=0.5))
+    dm = make_datamodule(teacher, tmp_path / "cache", BUDGET, fill_batch_size=BATCH)
+    done = threading.Event()
+    caught: list = []
+
+    def run():
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            dm.fill()
+        caught.extend(str(x.message) for x in w)
+        done.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while read_count(count) < 2 * BATCH and time.time() < deadline:
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait()
+        time.sleep(0.3)  # down: the fill's requests are refused meanwhile
+        proc, _ = spawn_server(*args, "--port", port)
+        thread.join(120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert done.is_set()
+    processed = read_count(count)
+    s = TeacherBudget(BUDGET, tmp_path / "cache").summary()
+    assert processed <= s.used <= BUDGET  # everything the server did is counted; never over budget
+    assert s.committed + s.lost == s.used and s.lost <= 2 * BATCH  # at most the requests in flight at the kill
+    assert len(dm.train_indices) == s.committed
+    assert torch.allclose(dm.cache.get(dm.train_indices), expected(dm, dm.train_indices), atol=1e-6)
 
 
 def test_two_fills_started_together_through_one_server_pay_once(tmp_path):
