@@ -34,33 +34,38 @@ The numbers (every "median / spread" is over repeats: median and interquartile r
    kernel launches, so these hint at the GPU ratios on a machine that has none. ``--threads 1`` gives steadier
    CPU timings on a loaded machine.
 
-2. Cache fill. ``cache_fill_vs_teacher`` = samples/s of ``fill_cache`` (teacher + budget journal + validated,
-   fsynced cache segments, over ``CIFAR10DataModule().make_dataset(indices, "fixed", normalize=False)`` into a
+2. Cache fill. ``cache_fill_vs_teacher`` = samples/s of ``fill_cache`` (teacher + a claim in the shared ledger
+   under the directory lock + one validated, fsynced block per batch + its commit record, over ``CIFAR10DataModule().make_dataset(indices, "fixed", normalize=False)`` into a
    fresh float32 ``TeacherCache`` with a ``TeacherBudget``) / samples/s of a bare ``torch.inference_mode``
    teacher loop over the same batches of the same dataset (same batch size, same DataLoader, outputs brought to
    the CPU). Paired per repeat, interleaved. Creating the empty cache and budget is not timed. Goal >= 0.9.
-   ``overhead_ms_per_segment`` = (t_fill - t_bare) / segments (one segment per teacher batch): the fixed cost of
-   the journal + commit protocol, to set against the teacher's time per batch on another device.
+   ``overhead_ms_per_segment`` = (t_fill - t_bare) / batches (one block per teacher batch): the fixed cost of
+   the claim + durable block + commit protocol, to set against the teacher's time per batch on another device.
 
 3. Scale. A synthetic ImageNet-size cache (``--scale-rows`` x ``--scale-classes``, default 1,281,167 x 1,000),
    once in float16 and once top-k (k = ``--topk``), written in chunks of ``--scale-chunk`` rows through
    ``TeacherCache.write`` (``build_s``: write time only, the random logits are made beforehand) and compacted to
-   one segment as ``CachedTeacherDataModule`` does after a fill (``compact_s``). ``disk_gb`` is the size of the
+   one block as ``CachedTeacherDataModule`` does after a fill (``compact_s``, streamed in 1,024-row chunks). ``disk_gb`` is the size of the
    live files (GB = 1e9 bytes). ``gather_ms_batch256_*``: median time of ``cache.get(256 random indices)``
    through the memory map of the compacted cache, after warm-up (the page cache is warm: the file was just
    written; cold reads from disk are slower). ``..._uncompacted``: the same on the cache as written (one memory
-   map per segment). ``open_s``: ``TeacherCache(dir)`` with the default sha256 verification. ``train_rss_gb``:
+   map per block). ``open_s``: ``TeacherCache(dir)`` with the default verification (crc32 of every chunk). ``train_rss_gb``:
    peak resident memory (VmHWM) of a separate process that opens the cache and runs ``--rss-gathers`` random
    batch-256 gathers, next to ``..._baseline_gb`` (that process right after importing torch and
    ``lightning_kd.cache``, the package ``__init__`` bypassed) -- it must stay far below the file size.
-   ``build_rss_gb``: how much the building process's RSS grew while writing. Needs ~2x the fp16 size on disk and
-   ~3x in memory (compaction merges in RAM); checked first, skipped with a message otherwise.
+   ``build_rss_gb``: how much the building process's RSS grew while writing. Needs ~2x the fp16 size on disk
+   (compaction writes its copy before the old blocks go); checked first, skipped with a message otherwise.
 
-4. Extraction. ``extraction_s_resnet18``: median time of ``extract_student`` on a GPD dynamic teacher built from
+4. Remote teacher (``experiments/bench_remote.py``). Samples/s of ``fill_cache`` through ``RemoteTeacher``
+   against ``tests/remote_server.py`` on 127.0.0.1 (JSON and npy codecs, 1 request in flight) vs the in-process
+   teacher, and against a server adding 50 ms per request, 4 requests in flight vs 1
+   (``latency50ms_4_vs_1_in_flight``, goal >= 3: latency hiding). One measurement each.
+
+5. Extraction. ``extraction_s_resnet18``: median time of ``extract_student`` on a GPD dynamic teacher built from
    timm ``resnet18`` (ratio 2, CBR branches, noise 1e-6, as ``GapPreservingDistillation`` builds it), CPU. Goal
    < 1 s. ``expand_s_resnet18``: time of ``expand`` itself (tracing + verification forwards included).
 
-5. ``--device cuda`` also runs section 1 for resnet32x4 -> resnet8x4 (32x32) and timm resnet50 -> resnet18
+6. ``--device cuda`` also runs section 1 for resnet32x4 -> resnet8x4 (32x32) and timm resnet50 -> resnet18
    (224x224, ``--imagenet-batch-size``) with bf16 autocast and channels_last, under ``cuda_pairs``.
 """
 
@@ -97,6 +102,7 @@ GOALS: dict[str, tuple[float, str]] = {
     "gather_ms_batch256_fp16": (2.0, "<="),
     "gather_ms_batch256_topk": (2.0, "<="),
     "extraction_s_resnet18": (1.0, "<"),
+    "latency50ms_4_vs_1_in_flight": (3.0, ">="),
 }
 
 
@@ -485,9 +491,8 @@ def _mem_available() -> float | None:
 def scale_requirements(rows: int, classes: int, topk: int) -> dict[str, float]:
     fp16 = rows * (classes * 2 + 8) / GB
     top = rows * ((topk + 1) * 2 + topk * 4 + 8) / GB
-    # compaction writes the merged segment before removing the old ones, and merges in RAM
-    # (the writer's in-memory segments + the merged array + its serialized bytes)
-    return {"disk_gb": 2 * (fp16 + top) + 0.5, "memory_gb": 3 * fp16 + 1.0, "fp16_gb": fp16, "topk_gb": top}
+    # compaction writes the merged block before removing the old ones; it streams chunks, reading through maps
+    return {"disk_gb": 2 * (fp16 + top) + 0.5, "memory_gb": 1.0, "fp16_gb": fp16, "topk_gb": top}
 
 
 def time_gathers(cache, rows: int, batch: int, warmup: int, n: int, seed: int = 0) -> dict:
@@ -576,7 +581,7 @@ def bench_scale(args) -> dict:
         return {"skipped": f"needs ~{need['disk_gb']:.1f} GB free disk under {root_parent}, only {free:.1f} GB free"}
     mem = _mem_available()
     if mem is not None and mem < need["memory_gb"]:
-        return {"skipped": f"needs ~{need['memory_gb']:.1f} GB available memory (compaction merges in RAM), only {mem:.1f} GB"}
+        return {"skipped": f"needs ~{need['memory_gb']:.1f} GB available memory, only {mem:.1f} GB"}
     print(f"[scale] building a {rows:,} x {classes:,} cache in fp16 (~{need['fp16_gb']:.2f} GB) and top-{k} "
           f"(~{need['topk_gb']:.2f} GB) under {root_parent}; at full size this takes minutes and ~{need['disk_gb']:.1f} GB "
           "of disk at its peak", flush=True)
@@ -685,6 +690,23 @@ def _headline_rows(result: dict) -> list[str]:
     return rows
 
 
+def _remote_rows(r: dict) -> list[str]:
+    """Section 4: the budgeted fill through RemoteTeacher (one measurement each, samples/s)."""
+    sps, ratios = r["fill_samples_per_s"], r["ratios"]
+    rows = ["", f"Remote teacher: fill_cache samples/s over {r['config']['n']} CIFAR-10 samples, batch "
+            f"{r['config']['batch']} (client and local server on the same cores; `experiments/bench_remote.py`)", "",
+            "| fill through | samples/s | vs in-process | goal | |", "|---|---|---|---|---|",
+            f"| in-process shared teacher | {sps['in_process']:.0f} | 1 | | |"]
+    for codec in ("json", "npy"):
+        rows.append(f"| RemoteTeacher, {codec}, 1 in flight | {sps[f'remote_{codec}']:.0f} | "
+                    f"{ratios[f'remote_{codec}_vs_in_process']:.3f} | | |")
+    name = "latency50ms_4_vs_1_in_flight"
+    goal, ok = _goal_cells(name, ratios[name])
+    rows.append(f"| server + 50 ms latency: 1 / 4 in flight | {sps['latency50ms_1_in_flight']:.0f} / "
+                f"{sps['latency50ms_4_in_flight']:.0f} | 4 vs 1: {ratios[name]:.2f} | {goal} | {ok} |")
+    return rows
+
+
 def _scale_rows(sc: dict) -> list[str]:
     if "skipped" in sc:
         return ["", f"Scale: skipped ({sc['skipped']})."]
@@ -746,6 +768,8 @@ def markdown(result: dict) -> str:
     ]
     if result.get("scale"):
         lines += _scale_rows(result["scale"])
+    if result.get("remote"):
+        lines += _remote_rows(result["remote"])
     lines += _timing_rows(result)
     for pair, r in result.get("cuda_pairs", {}).items():
         lines += ["", f"**{pair}** ({r['image_size']}², batch {r['batch_size']}, bf16 autocast, channels_last)", "",
@@ -781,6 +805,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-dir", default=None, help="where the temporary caches go (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the scale caches")
     p.add_argument("--skip-scale", action="store_true")
+    p.add_argument("--remote-samples", type=int, default=2000, help="samples per remote fill measurement")
+    p.add_argument("--remote-batch", type=int, default=100)
+    p.add_argument("--skip-remote", action="store_true")
     p.add_argument("--gather-batch", type=int, default=256)
     p.add_argument("--gather-warmup", type=int, default=50)
     p.add_argument("--gathers", type=int, default=1000)
@@ -833,6 +860,10 @@ def run(args: argparse.Namespace) -> dict:
     if not args.skip_scale:
         result["scale"] = bench_scale(args)
         section_s["scale"] = time.perf_counter() - clock - sum(section_s.values())
+    if not args.skip_remote:
+        print(f"[remote] fill through RemoteTeacher, {args.remote_samples} samples, batch {args.remote_batch}", flush=True)
+        result["remote"] = _bench_remote().run(max(args.threads, 1), args.remote_samples, args.remote_batch)
+        section_s["remote"] = time.perf_counter() - clock - sum(section_s.values())
     if not args.skip_extract:
         print(f"[extract] {args.extract_model} ratio 2", flush=True)
         result["extraction"] = bench_extraction(args.extract_model, 2.0, args.extract_input, args.extract_repeats)
@@ -852,8 +883,18 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _bench_remote():
+    """experiments/bench_remote.py (section 4), imported from beside this file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lkd_bench_remote", Path(__file__).with_name("bench_remote.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def bench_cuda_pairs(args: argparse.Namespace, device) -> dict:
-    """Section 5: section 1 with bf16 autocast + channels_last for a CIFAR and an ImageNet pair."""
+    """Section 6: section 1 with bf16 autocast + channels_last for a CIFAR and an ImageNet pair."""
     import torch
 
     out = {}

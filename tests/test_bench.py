@@ -42,7 +42,7 @@ def test_bench_runs_at_tiny_sizes_and_reports_every_number(tmp_path, data_dir):
         "--repeats", "2", "--warmup", "1", "--batch-size", "16", "--threads", "1",
         "--fill-samples", "48", "--fill-batch-size", "16", "--fill-repeats", "2",
         "--gathers", "10", "--gather-warmup", "2", "--rss-gathers", "10",
-        "--extract-input", "32", "--extract-repeats", "1",
+        "--extract-input", "32", "--extract-repeats", "1", "--remote-samples", "40", "--remote-batch", "20",
         "--json", str(json_path), "--md", str(md_path),
     ])
     result = json.loads(json_path.read_text())
@@ -52,6 +52,7 @@ def test_bench_runs_at_tiny_sizes_and_reports_every_number(tmp_path, data_dir):
     for section, keys in REQUIRED.items():
         bad = {k: result[section].get(k) for k in keys if not _finite_positive(result[section].get(k))}
         assert not bad, f"{section}: missing or not finite positive: {bad}"
+    assert all(_finite_positive(v) for v in result["remote"]["fill_samples_per_s"].values())
     for key in ("extraction_s_resnet18", "expand_s_resnet18"):
         assert _finite_positive(result[key]), key
     for name, timing in result["timings_ms"].items():

@@ -242,8 +242,10 @@ def test_resume_from_a_checkpoint_keeps_the_budget_even_if_the_ledger_is_gone(tm
     assert torch.load(ckpt, weights_only=True)["CachedTeacherDataModule"]["budget"]["used"] == 64
     shutil.rmtree(tmp_path / "cache")  # outputs and ledger lost; the checkpoint remembers 64 paid calls
     teacher = CountingTeacher()
-    with pytest.raises(TeacherBudgetExceeded, match="budget 64 is spent .*64 recorded only in a checkpoint.*no sample to train on"):
-        trainer().fit(KnowledgeDistillation(student="resnet8"), make_datamodule(teacher, tmp_path / "cache", 64), ckpt_path=ckpt)
+    match = "budget 64 is spent .*64 recorded only in a checkpoint.*no sample to train on"
+    with pytest.raises(TeacherBudgetExceeded, match=match):
+        dm = make_datamodule(teacher, tmp_path / "cache", 64)
+        trainer().fit(KnowledgeDistillation(student="resnet8"), dm, ckpt_path=ckpt)
     assert teacher.calls == 0
 
 
