@@ -6,7 +6,7 @@ checkpoint (``--test_after_fit false`` skips it). ``lkd cache --config <run>.yam
 teacher-output cache of a :class:`~lightning_kd.data.CachedTeacherDataModule` (a separate job for an expensive
 teacher), spending the budget exactly as ``fit`` would. ``lkd cache verify DIR`` reports what a cache holds (exit
 status 1 if damaged); ``lkd cache repair DIR [--used-at-least N]`` keeps what is intact
-(:mod:`lightning_kd.cache.verify`).
+(:mod:`lightning_kd.cache.verify`, :mod:`lightning_kd.cache.repair`).
 """
 
 from __future__ import annotations

@@ -352,6 +352,13 @@ class TeacherCache:
 
         return compact(self)
 
+    def __getstate__(self) -> dict:
+        """DataLoader workers started by spawn/forkserver reopen the directory (maps and locks do not pickle)."""
+        return {"directory": self.directory, "spec": self.spec}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["directory"], state["spec"], verify=False)  # the parent verified it
+
     def writer_alive(self, name: str) -> bool:
         return writer_alive(self.directory, name)
 

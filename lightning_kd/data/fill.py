@@ -128,7 +128,9 @@ class _Fill:
             while not self.stop.is_set():
                 got = self.claim()
                 if got is None:
-                    if not self.short and self.waiting():
+                    if not self.short and (n := self.waiting()):
+                        writers = ", ".join(self.budget.summary().writers_in_flight)
+                        self.bar.set_postfix_str(f"waiting for {n} samples claimed by {writers}", refresh=True)
                         time.sleep(self.poll)
                         continue
                     return

@@ -162,3 +162,12 @@ def test_outputs_that_are_not_floating_logits_are_refused_naming_why(tmp_path, b
     with pytest.raises(TypeError, match=match):
         as_logits(bad)
     assert as_logits(np.ones((4, 10))).dtype == torch.float32  # a numpy array is converted
+
+
+def test_a_cache_pickles_for_spawned_dataloader_workers(tmp_path):
+    import pickle
+
+    cache = TeacherCache(tmp_path, SPEC)
+    idx, logits = _fill(cache)
+    again = pickle.loads(pickle.dumps(cache))  # what a spawn / forkserver worker receives
+    assert torch.equal(again.get(idx), logits)
