@@ -191,8 +191,14 @@ def fill_cache(
                 threads = [threading.Thread(target=state.worker, daemon=True) for _ in range(n_threads)]
                 for t in threads:
                     t.start()
-                for t in threads:
-                    t.join()
+                try:
+                    for t in threads:
+                        t.join()
+                except BaseException:  # Ctrl-C: no new batch; the ones in flight are still stored
+                    state.stop.set()
+                    for t in threads:
+                        t.join()
+                    raise
     finally:
         budget.close()
     if state.errors:
