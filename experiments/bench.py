@@ -49,10 +49,12 @@ The numbers (every "median / spread" is over repeats: median and interquartile r
    live files (GB = 1e9 bytes). ``gather_ms_batch256_*``: median time of ``cache.get(256 random indices)``
    through the memory map of the compacted cache, after warm-up (the page cache is warm: the file was just
    written; cold reads from disk are slower). ``..._uncompacted``: the same on the cache as written (one memory
-   map per block). ``open_s``: ``TeacherCache(dir)`` with the default verification (crc32 of every chunk). ``train_rss_gb``:
-   peak resident memory (VmHWM) of a separate process that opens the cache and runs ``--rss-gathers`` random
-   batch-256 gathers, next to ``..._baseline_gb`` (that process right after importing torch and
-   ``lightning_kd.cache``, the package ``__init__`` bypassed) -- it must stay far below the file size.
+   map per block). ``open_s``: ``TeacherCache(dir)`` with the default verification (crc32 of every chunk).
+   ``train_rss_gb``: peak resident memory (VmHWM) of a separate process that opens the cache and runs
+   ``--rss-gathers`` random batch-256 gathers, next to ``..._baseline_gb`` (that process right after importing
+   torch and ``lightning_kd.cache``, the package ``__init__`` bypassed), split into anonymous memory (what the
+   process owns: it must stay far below the file size) and file-backed pages (clean page-cache pages that the
+   kernel's fault-around maps 64 KB at a time around each random read of a warm file; reclaimable, not owned).
    ``build_rss_gb``: how much the building process's RSS grew while writing. Needs ~2x the fp16 size on disk
    (compaction writes its copy before the old blocks go); checked first, skipped with a message otherwise.
 
@@ -722,16 +724,16 @@ def _scale_rows(sc: dict) -> list[str]:
 
     line("size on disk, GB", ".3f", lambda n: sc[f"disk_gb_{n}"])
     line("build (TeacherCache.write), s", ".1f", lambda n: sc[f"build_s_{n}"])
-    line("segments written", "d", lambda n: sc[f"segments_{n}"])
+    line("blocks written (one per write)", "d", lambda n: sc[f"segments_{n}"])
     line("writer RSS growth while building, GB", ".3f", lambda n: sc[f"build_rss_gb_{n}"])
     line("compact, s", ".1f", lambda n: sc[f"compact_s_{n}"])
     line("compact peak RSS above start, GB", ".3f", lambda n: sc[f"compact_peak_rss_gb_{n}"])
-    line("open (sha256 verification), s", ".2f", lambda n: sc[f"open_s_{n}"])
+    line("open (crc32 verification of every chunk), s", ".2f", lambda n: sc[f"open_s_{n}"])
     line("gather batch 256 before compaction, ms", ".3f", lambda n: sc[f"gather_ms_batch256_{n}_uncompacted"])
     line("gather batch 256, ms", ".3f", lambda n: sc[f"gather_ms_batch256_{n}"])
     line("training process: peak RSS, GB", ".3f", lambda n: sc[f"train_rss_{n}"]["peak_gb"])
     line("training process: baseline RSS (torch imported), GB", ".3f", lambda n: sc[f"train_rss_{n}"]["baseline_gb"])
-    line("training process: anonymous / file-backed RSS, GB", "", lambda n: (
+    line("training process: anonymous / file-backed RSS (clean page-cache pages, reclaimable), GB", "", lambda n: (
         f"{sc[f'train_rss_{n}']['anon_gb']:.3f} / {sc[f'train_rss_{n}']['file_gb']:.3f}"
         if sc[f"train_rss_{n}"].get("anon_gb") is not None else None))
     return rows
