@@ -4,6 +4,10 @@ arXiv 2311.02253 / WACV 2025).
 CKD distils the *difference* between a group of positive samples and a group of negative samples: with
 Δz = mean_P z − mean_N z, the student's Δz_S is matched to the teacher's Δz_T (relational term) and to the
 difference of the groups' averaged one-hot labels Δy (label term). Teacher logits are detached.
+
+The official code's ablations change only how the two sides are combined (``combine``), alike for student
+logits, teacher logits and labels: ``"difference"`` a − b (CKD), ``"average"`` ½a + ½b (``ckd_add``),
+``"mixup"`` λa + (1 − λ)b with one λ ~ Beta(1, 1) per batch (``ckd_mixup``; outputs are mixed, inputs never).
 """
 
 from __future__ import annotations
@@ -16,6 +20,22 @@ import torch.nn.functional as F
 from lightning_kd.losses.kd import kd_loss
 
 Variant = Literal["mse", "kl"]
+Combine = Literal["difference", "average", "mixup"]
+
+
+def combine_sides(
+    a: torch.Tensor, b: torch.Tensor, combine: Combine = "difference", lam: float | None = None
+) -> torch.Tensor:
+    """Combine the positive-side mean ``a`` and the negative-side mean ``b`` (see the module docstring)."""
+    if combine == "difference":
+        return a - b
+    if combine == "average":
+        return 0.5 * a + 0.5 * b
+    if combine == "mixup":
+        if lam is None or not 0.0 <= lam <= 1.0:
+            raise ValueError(f"combine='mixup' needs lam in [0, 1] (one draw of Beta(1, 1) per batch), got {lam!r}")
+        return lam * a + (1.0 - lam) * b
+    raise ValueError(f"unknown combine {combine!r}; expected 'difference', 'average' or 'mixup'")
 
 
 def _group_label_mean(target: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -78,6 +98,8 @@ def comparative_kd_loss(
     temperature: float = 4.0,
     w_rel: float = 1.0,
     w_cls: float = 1.0,
+    combine: Combine = "difference",
+    lam: float | None = None,
 ) -> torch.Tensor:
     """CKD loss ``w_rel · D(Δz_S, Δz_T) + w_cls · D(Δz_S, Δy)`` for groups of p positives and n negatives.
 
@@ -87,14 +109,16 @@ def comparative_kd_loss(
     * ``"mse"`` (WACV 2025 release): ``nn.MSELoss()``, the mean over B × C.
     * ``"kl"`` (arXiv release): ``DistillKL(T)``, i.e. :func:`kd_loss` = T² · KL(softmax(a/T) ‖ softmax(Δz_S/T))
       with batchmean reduction; for the label term Δy is used as if it were logits (a = Δy).
+
+    ``combine`` / ``lam``: how Δ is formed from the two sides' means (:func:`combine_sides`).
     """
     _check_groups(student_pos, student_neg, teacher_pos, teacher_neg, target_pos, target_neg)
     if variant not in ("mse", "kl"):
         raise ValueError(f"unknown variant {variant!r}; expected 'mse' or 'kl'")
     if variant == "kl" and temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    dz_s = student_pos.mean(dim=1) - student_neg.mean(dim=1)
-    dz_t = (teacher_pos.mean(dim=1) - teacher_neg.mean(dim=1)).detach()
+    dz_s = combine_sides(student_pos.mean(dim=1), student_neg.mean(dim=1), combine, lam)
+    dz_t = combine_sides(teacher_pos.mean(dim=1), teacher_neg.mean(dim=1), combine, lam).detach()
 
     def distance(target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(dz_s, target) if variant == "mse" else kd_loss(dz_s, target, temperature)
@@ -103,7 +127,7 @@ def comparative_kd_loss(
     if target_pos is not None and target_neg is not None:
         num_classes, dtype = dz_s.shape[1], dz_s.dtype
         y_pos = _group_label_mean(target_pos, num_classes, dtype)
-        dy = y_pos - _group_label_mean(target_neg, num_classes, dtype)
+        dy = combine_sides(y_pos, _group_label_mean(target_neg, num_classes, dtype), combine, lam)
         loss = loss + w_cls * distance(dy)
     return loss
 

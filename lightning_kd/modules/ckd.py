@@ -20,7 +20,9 @@ class ComparativeDistillation(StudentModule):
 
         L = w_rel · D(Δz_S, Δz_T) + w_cls · D(Δz_S, Δy),   Δz = mean_P z − mean_N z   (CKD Eq. 3–5)
 
-    with D = MSE (``variant="mse"``, WACV release) or T²·KL (``"kl"``, arXiv release). ``pairing="in_batch"``
+    with D = MSE (``variant="mse"``, WACV release) or T²·KL (``"kl"``, arXiv release). ``combine`` runs the
+    official ablations: ``"average"`` (½a + ½b, ``ckd_add``) or ``"mixup"`` (λa + (1 − λ)b, λ ~ Beta(1, 1) drawn
+    once per batch, ``ckd_mixup``) in place of the difference a − b. ``pairing="in_batch"``
     compares all pairs i < j of a plain batch (``group_size = 1``) with D = MSE: cheaper, not the paper's
     sampling. Every member is freshly augmented; the teacher is never called.
     """
@@ -32,11 +34,16 @@ class ComparativeDistillation(StudentModule):
         w_rel: float = 1.0,
         w_cls: float = 1.0,
         pairing: Literal["tuples", "in_batch"] = "tuples",
+        combine: Literal["difference", "average", "mixup"] = "difference",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if pairing not in ("tuples", "in_batch"):
             raise ValueError(f"pairing must be 'tuples' or 'in_batch', got {pairing!r}")
+        if combine not in ("difference", "average", "mixup"):
+            raise ValueError(f"combine must be 'difference', 'average' or 'mixup', got {combine!r}")
+        if pairing == "in_batch" and combine != "difference":
+            raise ValueError("pairing='in_batch' compares differences of pairs: it needs combine='difference'")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         h = self.hparams
@@ -70,6 +77,8 @@ class ComparativeDistillation(StudentModule):
             temperature=h.temperature,
             w_rel=h.w_rel,
             w_cls=h.w_cls,
+            combine=h.combine,
+            lam=float(torch.rand(())) if h.combine == "mixup" else None,  # Beta(1, 1) is uniform on [0, 1]
         )
         self.log_train(loss, z_s.flatten(0, 1), y.flatten())
         return loss

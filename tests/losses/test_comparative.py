@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lightning_kd.losses import comparative_kd_loss, in_batch_comparative_loss
+from lightning_kd.losses import comparative_kd_loss, in_batch_comparative_loss, kd_loss
 
 
 def _one_pair():
@@ -168,3 +168,44 @@ def test_in_batch_gradients_and_errors():
         in_batch_comparative_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"\(B, C\)"):
         in_batch_comparative_loss(torch.zeros(2, 3, 1), torch.zeros(2, 3, 1))
+
+
+# -- the official ablations: how the two sides are combined (alextxu/ckd ckd / ckd_add / ckd_mixup) --------------
+PAIR = dict(  # p = n = 1, C = 2: values small enough to combine by hand
+    student_pos=torch.tensor([[[1.0, 2.0]]]), student_neg=torch.tensor([[[3.0, 0.0]]]),
+    teacher_pos=torch.tensor([[[0.0, 1.0]]]), teacher_neg=torch.tensor([[[2.0, 2.0]]]),
+    target_pos=torch.tensor([[0]]), target_neg=torch.tensor([[1]]),
+)
+
+
+@pytest.mark.parametrize("combine, lam, expected", [
+    # difference: Δs = [-2, 2], Δt = [-2, -1], Δy = [1, -1]: rel (0² + 3²)/2 = 4.5, cls (3² + 3²)/2 = 9
+    ("difference", None, 4.5 + 9.0),
+    # average: s = [2, 1], t = [1, 1.5], y = [.5, .5]: rel (1² + .5²)/2 = .625, cls (1.5² + .5²)/2 = 1.25
+    ("average", None, 0.625 + 1.25),
+    # mixup λ = .25: s = [2.5, .5], t = [1.5, 1.75], y = [.25, .75]: rel (1 + 1.5625)/2, cls (5.0625 + .0625)/2
+    ("mixup", 0.25, 1.28125 + 2.5625),
+])
+def test_combine_golden_values_mse(combine, lam, expected):
+    loss = comparative_kd_loss(**PAIR, combine=combine, lam=lam)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_combine_groups_of_three_and_the_kl_variant_use_the_combined_means():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    y = torch.randint(0, 5, (4, 3), generator=g)
+    onehot = torch.nn.functional.one_hot(y, 5).float()
+    lam = 0.7
+    mix = lambda z: lam * z[:, :2].mean(1) + (1 - lam) * z[:, 2:].mean(1)  # noqa: E731  p = 2, n = 1
+    expected = kd_loss(mix(s), mix(t), 4.0) + kd_loss(mix(s), mix(onehot), 4.0)
+    got = comparative_kd_loss(s[:, :2], s[:, 2:], t[:, :2], t[:, 2:], y[:, :2], y[:, 2:], variant="kl",
+                              combine="mixup", lam=lam)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_combine_refuses_a_missing_lambda_and_unknown_modes():
+    with pytest.raises(ValueError, match="lam in"):
+        comparative_kd_loss(**PAIR, combine="mixup")
+    with pytest.raises(ValueError, match="unknown combine"):
+        comparative_kd_loss(**PAIR, combine="sum")

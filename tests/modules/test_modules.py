@@ -55,6 +55,25 @@ def test_ckd_training_step_splits_tuples_into_positive_and_negative_sides():
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("combine", ["average", "mixup"])
+def test_ckd_ablations_combine_the_sides_as_asked_with_one_lambda_per_batch(combine):
+    model = ComparativeDistillation(student="resnet8", combine=combine, variant="kl")
+    model.eval()
+    model.log_train = lambda *a, **k: None
+    batch = _batch(b=4, k=2)
+    torch.manual_seed(7)
+    loss = model.training_step(batch, 0)
+    torch.manual_seed(7)
+    lam = float(torch.rand(())) if combine == "mixup" else None  # the draw the step made
+    z = torch.stack([model(batch["input"][:, j]) for j in range(2)], 1)
+    zt, y = batch["teacher_logits"], batch["target"]
+    expected = comparative_kd_loss(z[:, :1], z[:, 1:], zt[:, :1], zt[:, 1:], y[:, :1], y[:, 1:], variant="kl",
+                                   combine=combine, lam=lam)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="needs combine='difference'"):
+        ComparativeDistillation(student="resnet8", combine=combine, pairing="in_batch")
+
+
 def test_ckd_refuses_plain_batches_with_a_clear_error():
     model = ComparativeDistillation(student="resnet8")
     with pytest.raises(ValueError, match="group_size"):
