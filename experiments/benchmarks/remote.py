@@ -1,6 +1,4 @@
-"""What a teacher behind HTTP costs the budgeted fill, and what requests in flight buy back.
-
-    python experiments/bench_remote.py [--threads 1] [--n 2000] [--batch 100]    # prints JSON
+"""Section 4: what a teacher behind HTTP costs the budgeted fill, and what requests in flight buy back.
 
 Samples/s of :func:`lightning_kd.data.fill_cache` (claims, ledger, one fsynced block per batch: the real fill)
 over ``n`` CIFAR-10 training samples in batches of ``batch``, into a fresh cache each time, with:
@@ -18,30 +16,32 @@ numbers include the server's compute competing with the client's.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from remote_server import spawn_server  # noqa: E402
-
-from lightning_kd.cache import CacheSpec, TeacherBudget, TeacherCache  # noqa: E402
-from lightning_kd.data import CIFAR10DataModule, fill_cache  # noqa: E402
-from lightning_kd.data.cifar import default_data_dir  # noqa: E402
-from lightning_kd.teachers import RemoteTeacher, load_teacher  # noqa: E402
+from benchmarks.common import ROOT
 
 GOAL_4_VS_1 = 3.0
 
 
+def _spawn_server(*args: str):
+    """tests/remote_server.py as a subprocess: ``(process, url)``."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from remote_server import spawn_server
+
+    return spawn_server(*args)
+
+
 def fill_throughput(teacher, dataset, batch: int) -> float:
     """Samples/s of one budgeted fill of ``dataset`` into a fresh cache (after one untimed warm-up batch)."""
+    import torch
+
+    from lightning_kd.cache import CacheSpec, TeacherBudget, TeacherCache
+    from lightning_kd.data import fill_cache
+
     with torch.inference_mode():
         teacher(dataset.__getitems__(list(range(batch)))["input"])
     root = Path(tempfile.mkdtemp(prefix="lkd-bench-remote-"))
@@ -56,7 +56,9 @@ def fill_throughput(teacher, dataset, batch: int) -> float:
 
 
 def _served(args: list[str], dataset, batch: int, codec: str, in_flight: int) -> float:
-    proc, url = spawn_server(*args)
+    from lightning_kd.teachers import RemoteTeacher
+
+    proc, url = _spawn_server(*args)
     try:
         teacher = RemoteTeacher(url, model_version="v1", codec=codec, timeout=60.0, max_in_flight=in_flight)
         return fill_throughput(teacher, dataset, batch)
@@ -67,6 +69,12 @@ def _served(args: list[str], dataset, batch: int, codec: str, in_flight: int) ->
 
 def run(threads: int = 1, n: int = 2000, batch: int = 100) -> dict:
     """Measure the throughputs above; a JSON-ready dict."""
+    import torch
+
+    from lightning_kd.data import CIFAR10DataModule
+    from lightning_kd.data.cifar import default_data_dir
+    from lightning_kd.teachers import load_teacher
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -95,12 +103,3 @@ def run(threads: int = 1, n: int = 2000, batch: int = 100) -> dict:
         "goal_4_vs_1_in_flight": GOAL_4_VS_1,
         "goal_met": ratios["latency50ms_4_vs_1_in_flight"] >= GOAL_4_VS_1,
     }
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, here and in the servers")
-    p.add_argument("--n", type=int, default=2000, help="samples filled per measurement")
-    p.add_argument("--batch", type=int, default=100)
-    args = p.parse_args()
-    print(json.dumps(run(args.threads, args.n, args.batch), indent=2))
