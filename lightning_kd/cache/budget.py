@@ -168,7 +168,7 @@ class TeacherBudget:
     def claim(self, candidates: np.ndarray, max_n: int, *, recovered=None) -> tuple[str, np.ndarray] | None:
         """Reserve up to ``max_n`` of ``candidates`` (in their order) that have no outputs and no live claim.
 
-        Claims of dead writers are taken over first: ``recovered(reservation)`` says whether their outputs
+        Claims of dead writers are taken over first: ``recovered(token, writer)`` says whether their outputs
         reached disk anyway (then they are committed), else they are recorded as lost. Returns ``None`` when no
         candidate is free; raises :class:`TeacherBudgetExceeded` when some are but no budget is left.
         """

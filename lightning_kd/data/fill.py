@@ -83,10 +83,9 @@ class _Fill:
         """Samples of this fill claimed by other live writers (their outputs are awaited, not bought)."""
         with self.budget.lock:
             self.budget.ledger.refresh()
-            others = [r.indices for r in self.budget.ledger.pending() if r.writer != self.budget.writer]
-            if not others:
-                return 0
-            return int(np.isin(self.order, np.concatenate([o for o in others if o is not None] or [[]])).sum())
+            led = self.budget.ledger
+            others = [r.indices for r in led.pending() if r.writer != self.budget.writer and r.indices is not None]
+            return int(np.isin(self.order, np.concatenate(others)).sum()) if others else 0
 
     def run_batch(self, token: str, idx: np.ndarray) -> None:
         x, key, attempt = self.load(idx), _batch_key(self.spec_id, idx), 1
