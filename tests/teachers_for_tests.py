@@ -157,5 +157,32 @@ def _gpd_ddp(out_dir: str, cache_dir: str, budget: str) -> None:
                    "moved": moved, "steps": trainer.global_step}, f)
 
 
+def _gpd_vit_ddp(out_dir: str, cache_dir: str, budget: str) -> None:
+    """``gpd_ddp`` with a timm ViT student (2 blocks of 3 heads at 32x32; ratio 1.5 gives 5 wide heads)."""
+    import lightning as L
+
+    from lightning_kd.callbacks import DynamicTeacherSharing, StudentExtraction
+    from lightning_kd.modules import GapPreservingDistillation
+    from lightning_kd.reparam import extract_student
+
+    dm = make_datamodule(CountingTeacher(), cache_dir, int(budget), fill_batch_size=50)
+    vit = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2}
+    model = GapPreservingDistillation(student="vit_tiny_patch16_224", model_kwargs=vit, ratio=1.5, noise_std=1e-3,
+                                      optimizer="adamw", lr=1e-3)
+    extraction = StudentExtraction(dirpath=out_dir, evaluate=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[DynamicTeacherSharing(check_every_n_steps=1), extraction],
+    )
+    before = extract_student(model.dynamic_teacher).state_dict()
+    trainer.fit(model, dm)
+    state = extract_student(model.dynamic_teacher).state_dict()  # parameters only: a ViT has no buffers
+    sha = hashlib.sha256(b"".join(v.detach().float().numpy().tobytes() for v in state.values())).hexdigest()
+    moved = float(sum((v.float() - w.float()).abs().sum() for v, w in zip(state.values(), before.values())))
+    with open(os.path.join(out_dir, f"gpd_vit_rank{trainer.global_rank}.json"), "w") as f:
+        json.dump({"params_sha": sha, "full_sha": sha, "moved": moved, "steps": trainer.global_step}, f)
+
+
 if __name__ == "__main__":
-    {"fill": _fill, "ddp": _ddp, "gpd_ddp": _gpd_ddp}[sys.argv[1]](*sys.argv[2:])
+    {"fill": _fill, "ddp": _ddp, "gpd_ddp": _gpd_ddp, "gpd_vit_ddp": _gpd_vit_ddp}[sys.argv[1]](*sys.argv[2:])

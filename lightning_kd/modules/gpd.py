@@ -42,7 +42,9 @@ class GapPreservingDistillation(StudentModule):
     KD = T²·KL at ``temperature``; SCE = soft cross-entropy with label smoothing ``sce_smoothing`` at T = 1,
     weight λ = ``sce_weight``. Only the DT's parameters exist: the student is a scaled slice of them
     (:func:`~lightning_kd.reparam.expand`), so one optimizer step trains both. ``self(x)`` is the student;
-    ``val/acc`` / ``test/acc`` are the student's, ``val/dt_acc`` the DT's.
+    ``val/acc`` / ``test/acc`` are the student's, ``val/dt_acc`` the DT's. Students: the CNN zoo, timm CNNs and
+    timm ViT / PVTv2 models by name, e.g. ``student="vit_tiny_patch16_224"`` with
+    ``model_kwargs={"img_size": 32, "patch_size": 4}`` (``experiments/cifar10/gpd_vit.yaml``).
     """
 
     def __init__(

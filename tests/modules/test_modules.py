@@ -137,6 +137,48 @@ def test_gpd_under_a_teacher_budget_uses_the_cached_outputs(tmp_path):
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+# A 2-block ViT at 32x32 (patch 8, 3 heads of 16), built by name through timm with model_kwargs.
+VIT = {
+    "student": "vit_tiny_patch16_224",
+    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2},
+}
+
+
+def test_gpd_vit_from_scratch_keeps_sharing_and_extracts_the_timm_class(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from lightning_kd.data import CIFAR10DataModule
+
+    dm = CIFAR10DataModule(batch_size=16, val_size=64)
+    model = GapPreservingDistillation(**VIT, ratio=1.5, noise_std=1e-3, optimizer="adamw", lr=1e-3)
+    assert model.dynamic_teacher.model.blocks[0].attn.num_heads == 5
+    extraction = StudentExtraction(dirpath=str(tmp_path))
+    _trainer(tmp_path, steps=3, callbacks=[DynamicTeacherSharing(check_every_n_steps=1), extraction]).fit(model, dm)
+    student = load_teacher(extraction.path)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert (student(x) - model(x)).abs().max() <= 1e-5
+    assert extraction.metrics["extracted/max_abs_diff"] <= 1e-5
+    assert type(extraction.student) is VisionTransformer
+
+
+def test_gpd_vit_under_a_teacher_budget_and_fine_tuning(tmp_path):
+    teacher = CountingTeacher()
+    dm = make_datamodule(teacher, tmp_path / "cache", 64, fill_batch_size=64)
+    model = GapPreservingDistillation(**VIT, ratio=2.0, optimizer="adamw", lr=1e-3)
+    _trainer(tmp_path, steps=2).fit(model, dm)
+    assert teacher.calls == 64
+    trained = model.dynamic_teacher.student_state_dict()
+    torch.save(trained, tmp_path / "vit.pt")
+    tuned = GapPreservingDistillation(**VIT, ratio=3.0, noise_std=0.0, student_weights=str(tmp_path / "vit.pt"))
+    tuned.eval()
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the fine-tuning DT starts as the trained student, in both of its modes
+        assert (tuned(x) - model(x)).abs().max() <= 1e-5
+        assert (tuned.dynamic_teacher(x) - model(x)).abs().max() <= 1e-5
+
+
 def test_supervised_checkpoint_loads_as_a_teacher(tmp_path):
     from lightning_kd.data import CIFAR10DataModule
 
@@ -151,15 +193,17 @@ def test_supervised_checkpoint_loads_as_a_teacher(tmp_path):
 
 
 @pytest.mark.ddp
-def test_gpd_under_ddp_keeps_sharing_and_extracts_the_same_student_on_every_rank(tmp_path):
+@pytest.mark.parametrize("student", ["resnet8", "vit"])
+def test_gpd_under_ddp_keeps_sharing_and_extracts_the_same_student_on_every_rank(tmp_path, student):
     import hashlib
     import json
 
     from teachers_for_tests import run_helper
 
-    proc = run_helper("gpd_ddp", tmp_path, tmp_path / "cache", 128, cwd=tmp_path)
+    prefix = "gpd" if student == "resnet8" else "gpd_vit"
+    proc = run_helper(f"{prefix}_ddp", tmp_path, tmp_path / "cache", 128, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]  # DynamicTeacherSharing raises if ranks disagree
-    r0, r1 = (json.loads((tmp_path / f"gpd_rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((tmp_path / f"{prefix}_rank{r}.json").read_text()) for r in (0, 1))
     # identical parameters on both ranks (BN running statistics are per rank, as in any DDP run)
     assert r0["params_sha"] == r1["params_sha"] and r0["steps"] == r1["steps"] == 3
     assert r0["moved"] > 0  # training changed the shared weights

@@ -174,11 +174,11 @@ def test_student_is_left_untouched() -> None:
     assert not any(isinstance(m, WideLayer) for m in student.modules())
 
 
-class WithLayerNorm(nn.Module):
+class WithGroupNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
-        self.head = nn.Sequential(nn.Flatten(), nn.LayerNorm(4 * 30 * 30), nn.Linear(4 * 30 * 30, 2))
+        self.head = nn.Sequential(nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv(x))
@@ -219,7 +219,7 @@ class WithUnusedLayer(nn.Module):
 
 @pytest.mark.parametrize(
     ("net", "match"),
-    [(WithLayerNorm, r"head\.1.*LayerNorm"), (WithConv1d, r"'conv'.*Conv1d"), (WithUnusedLayer, "'unused'.*never ran")],
+    [(WithGroupNorm, r"head\.0.*GroupNorm"), (WithConv1d, r"'conv'.*Conv1d"), (WithUnusedLayer, "'unused'.*never ran")],
 )
 def test_unsupported_layers_raise_with_path(net: type[nn.Module], match: str) -> None:
     with pytest.raises(UnsupportedLayerError, match=match):
