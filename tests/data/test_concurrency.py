@@ -70,7 +70,11 @@ def test_kill_9_of_one_writer_while_another_runs(tmp_path):
     (result_b,) = finish([(b, log_b, out_b)])
     paid_a, paid_b = logged_samples(log_a), logged_samples(log_b)
     assert len(paid_a) + len(paid_b) <= BUDGET
-    assert max(Counter(paid_a + paid_b).values()) == 1
+    # Only the killed writer's last call can be paid twice: if the kill came after the teacher answered but
+    # before the outputs were stored, that payment is lost and the taken-over samples are bought again.
+    last_call_of_a = set(log_a.read_text().splitlines()[-1].split())
+    twice = {d for d, n in Counter(paid_a + paid_b).items() if n > 1}
+    assert twice <= last_call_of_a and len(twice) <= BATCH
     cache = TeacherCache(cache_dir)
     s = TeacherBudget(BUDGET, cache_dir).summary()
     assert s.in_flight == 0 and s.lost <= BATCH  # the killed writer's batch in flight, taken over as lost
