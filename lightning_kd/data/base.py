@@ -80,15 +80,22 @@ class IndexedDataModule(L.LightningDataModule):
     What :class:`~lightning_kd.data.cached.CachedTeacherDataModule` needs from the DataModule it wraps:
     ``num_classes``, ``train_indices`` (the pool that training samples are chosen from), ``targets(indices)``,
     ``make_dataset(indices, view, normalize)`` over the training split, ``fingerprint()`` (identity of the data,
-    recorded in the cache manifest), and ``val_dataloader()`` / ``test_dataloader()``.
+    recorded in the cache manifest), and ``val_dataloader()`` / ``test_dataloader()``. The teacher's inputs come
+    from ``teacher_dataset`` and are named by ``view_fingerprint`` (both default to the :class:`IndexedImages`
+    views); ``fill_workers`` DataLoader workers decode them during the fill (0: in the fill's own thread).
     """
 
     num_classes: int
     train_indices: np.ndarray
 
-    def __init__(self, batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0) -> None:
+    fill_workers: int = 0
+
+    def __init__(
+        self, batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0, pin_memory: bool = False
+    ) -> None:
         super().__init__()
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.pin_memory = pin_memory
 
     def make_dataset(self, indices: np.ndarray, view: View, normalize: bool = True, seed: int = 0) -> IndexedImages:
         raise NotImplementedError
@@ -99,6 +106,19 @@ class IndexedDataModule(L.LightningDataModule):
     def fingerprint(self) -> str:
         raise NotImplementedError
 
+    def fingerprint_change(self, previous: str) -> str:
+        """What changed in the data since a cache recorded ``previous`` as its fingerprint."""
+        return f"the data changed since the cache was made (it was {previous!r}, now {self.fingerprint()!r})"
+
+    def teacher_dataset(self, indices: np.ndarray, view: View, normalize: bool = False, seed: int = 0) -> Dataset:
+        """What the teacher is run on: ``view`` "fixed" (one seeded augmented view per sample) or "eval" (clean)."""
+        return self.make_dataset(indices, view, normalize, seed)
+
+    def view_fingerprint(self, view: View, normalize: bool = False, seed: int = 0) -> str:
+        """The identity of ``teacher_dataset``'s view, recorded in the cache: another view's outputs are refused."""
+        norm = "normalized" if normalize else "raw"
+        return f"augmented(seed={seed},pad=4,{norm})" if view == "fixed" else f"clean({norm})"
+
     def loader(self, dataset: Dataset, *, train: bool, batch_size: int | None = None) -> DataLoader:
         """A DataLoader with the project's collate; shuffled and dropping the last partial batch when training."""
         return DataLoader(
@@ -108,5 +128,6 @@ class IndexedDataModule(L.LightningDataModule):
             drop_last=train and len(dataset) > (batch_size or self.batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
             collate_fn=collate,
         )

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from lightning_kd.cache import CacheSpec, TeacherBudget, TeacherBudgetExceeded, TeacherCache
+from lightning_kd.cache import CacheMismatchError, CacheSpec, TeacherBudget, TeacherBudgetExceeded, TeacherCache
 from lightning_kd.cache.budget import LedgerSummary
+from lightning_kd.cache.spec import read_manifest
 from lightning_kd.data.base import IndexedDataModule, collate
 from lightning_kd.data.cifar import default_cache_dir, default_data_dir
 from lightning_kd.data.fill import fill_cache
@@ -171,6 +172,7 @@ class CachedTeacherDataModule(IndexedDataModule):
             batch_size=batch_size or datamodule.batch_size,
             eval_batch_size=datamodule.eval_batch_size,
             num_workers=datamodule.num_workers,
+            pin_memory=datamodule.pin_memory,
         )
         self.save_hyperparameters(ignore=["datamodule", "teacher"])
         # Read options from `self.h`, not `self.hparams` (LightningCLI rewrites hparams of nested DataModules).
@@ -210,10 +212,14 @@ class CachedTeacherDataModule(IndexedDataModule):
 
     # -- plan ----------------------------------------------------------------------------------------------------
     @property
+    def teacher_view(self) -> str:
+        """The datamodule's view that the teacher is run on: "fixed" (augmented) or "eval" (clean)."""
+        return "fixed" if self.h.view == "augmented" else "eval"
+
+    @property
     def view_protocol(self) -> str:
-        h = self.h
-        norm = "normalized" if h.teacher_normalize else "raw"
-        return f"augmented(seed={h.seed},pad=4,{norm})" if h.view == "augmented" else f"clean({norm})"
+        """The teacher view's identity, recorded in the cache (from the datamodule's ``view_fingerprint``)."""
+        return self.datamodule.view_fingerprint(self.teacher_view, self.h.teacher_normalize, self.h.seed)
 
     def _plan(self) -> None:
         dm, h = self.datamodule, self.h
@@ -243,7 +249,17 @@ class CachedTeacherDataModule(IndexedDataModule):
             topk=h.topk,
         )
         if h.cache_dir is not None:
-            return TeacherCache(h.cache_dir, spec)
+            try:
+                return TeacherCache(h.cache_dir, spec)
+            except CacheMismatchError as err:
+                stored = read_manifest(Path(h.cache_dir) / "manifest.json")
+                if stored.dataset == spec.dataset:
+                    raise
+                raise CacheMismatchError(
+                    f"{self.datamodule.fingerprint_change(stored.dataset)}. Its outputs in {h.cache_dir} belong to "
+                    "the old data and are kept; start a new cache for the new data with another cache_dir (or "
+                    f"none: a directory per dataset fingerprint), or restore the old data. ({err})"
+                ) from None
         key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
         return TeacherCache(default_cache_dir() / "teacher_outputs" / key, spec)
 
@@ -352,8 +368,8 @@ class CachedTeacherDataModule(IndexedDataModule):
         device = self._device()
         if isinstance(teacher, nn.Module) and device is not None:
             teacher = teacher.to(device)
-        view = "fixed" if h.view == "augmented" else "eval"
-        dataset = self.datamodule.make_dataset(order, view, normalize=h.teacher_normalize, seed=h.seed)
+        dataset = self.datamodule.teacher_dataset(order, self.teacher_view, normalize=h.teacher_normalize,
+                                                  seed=h.seed)
         with budget.lock:
             budget.ledger.refresh()
             free = len(budget.free(order))
@@ -375,6 +391,8 @@ class CachedTeacherDataModule(IndexedDataModule):
             progress=h.progress and rank == 0,
             desc=f"teacher outputs ({len(order)} missing{where})",
             partial=True,
+            num_workers=self.datamodule.fill_workers,
+            pin_memory=self.pin_memory and device is not None and device.type == "cuda",
         )
 
     def _all_sum(self, n: int) -> int:

@@ -14,6 +14,10 @@ Each batch goes through the same steps, whatever the teacher and however many pr
 With ``teacher.max_in_flight > 1`` that many batches are in flight at once (threads), hiding a remote teacher's
 latency; each thread calls ``teacher.close()`` (when there is one) as it ends. Samples claimed by another live
 writer are waited for, not bought again.
+
+With ``num_workers > 0`` a DataLoader decodes the batches ahead, in purchase order, in worker processes; each
+prefetched batch is claimed right before its call, and samples already stored or claimed meanwhile are dropped
+from it (decoding ahead never spends budget). A sample that fails to load is never sent: its claim is released.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lightning_kd.cache import TeacherBudget, TeacherBudgetExceeded, TeacherCache, as_logits
 from lightning_kd.cache.budget import settle_dead_writers
+from lightning_kd.data.base import collate
 from lightning_kd.teachers import Teacher, TeacherCallError
 
 
@@ -60,6 +65,8 @@ class _Fill:
         self.errors: list[BaseException] = []
         self.calls = 0
         self.short = False  # the budget ran out with samples left to buy
+        self.batches = None  # an iterator over prefetched batches in purchase order (num_workers > 0)
+        self.batches_lock = threading.Lock()
 
     def load(self, idx: np.ndarray) -> torch.Tensor:
         positions = self._pos[np.searchsorted(self.order, idx, sorter=self._pos)]
@@ -87,8 +94,16 @@ class _Fill:
             others = [r.indices for r in led.pending() if r.writer != self.budget.writer and r.indices is not None]
             return int(np.isin(self.order, np.concatenate(others)).sum()) if others else 0
 
-    def run_batch(self, token: str, idx: np.ndarray) -> None:
-        x, key, attempt = self.load(idx), _batch_key(self.spec_id, idx), 1
+    def run_batch(self, token: str, idx: np.ndarray, x: torch.Tensor | None = None) -> None:
+        if x is None:
+            try:
+                x = self.load(idx)
+            except BaseException:  # nothing was sent: the samples are free again
+                self.budget.release(token)
+                raise
+        elif self.device is not None:
+            x = x.to(self.device, non_blocking=True)
+        key, attempt = _batch_key(self.spec_id, idx), 1
         while True:
             try:
                 out = self.call(x, key)
@@ -114,6 +129,9 @@ class _Fill:
         self.calls += len(idx)
         try:
             logits = as_logits(out)
+            if logits.ndim != 2 or logits.shape[1] != self.cache.spec.num_classes:
+                raise ValueError(f"the teacher returned outputs of shape {tuple(logits.shape)}: "
+                                 f"{logits.shape[-1]} classes, but the dataset has {self.cache.spec.num_classes}")
             with self.write_lock:
                 where = self.cache.append(self.budget.writer, token, idx, logits)
         except BaseException as err:
@@ -122,8 +140,28 @@ class _Fill:
         self.budget.commit(token, **where)
         self.bar.update(len(idx))
 
+    def prefetched(self) -> None:
+        """Call the prefetched batches: claim each one's still-free samples right before its call, drop the rest."""
+        while not self.stop.is_set():
+            with self.batches_lock:
+                batch = next(self.batches, None)
+            if batch is None:
+                return
+            index = batch["index"].numpy()
+            got = self.claim(index)
+            if got is None:
+                if self.short:
+                    return
+                continue
+            token, idx = got
+            x = batch["input"] if len(idx) == len(index) else batch["input"][torch.from_numpy(np.isin(index, idx))]
+            self.run_batch(token, idx, x)
+            self.bar.set_postfix_str(self._status(), refresh=False)
+
     def worker(self) -> None:
         try:
+            if self.batches is not None:
+                self.prefetched()
             while not self.stop.is_set():
                 got = self.claim()
                 if got is None:
@@ -160,6 +198,8 @@ def fill_cache(
     desc: str = "teacher -> cache",
     partial: bool = False,
     poll: float = 0.2,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> int:
     """Run ``teacher`` on every sample of ``dataset`` that has no stored output; returns samples sent to it.
 
@@ -167,6 +207,7 @@ def fill_cache(
     are bought. When the budget cannot cover the samples that are free (not stored, not claimed by a live
     writer), :class:`TeacherBudgetExceeded` is raised before any call — unless ``partial``: then it buys what
     the budget allows. Outputs of calls that returned are stored even when the fill stops on an error.
+    ``num_workers`` > 0 decodes batches ahead in that many DataLoader workers (``pin_memory`` for a GPU teacher).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -182,6 +223,9 @@ def fill_cache(
     n_threads = max(1, int(getattr(teacher, "max_in_flight", 1)))
     bar = tqdm(total=len(dataset), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
     state = _Fill(teacher, dataset, cache, budget, batch_size, device, poll, bar)
+    if num_workers > 0:
+        state.batches = iter(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                                        pin_memory=pin_memory))
     try:
         with bar:
             if n_threads == 1:
@@ -199,6 +243,7 @@ def fill_cache(
                         t.join()
                     raise
     finally:
+        state.batches = None  # shuts the loader's workers down
         budget.close()
     if state.errors:
         raise state.errors[0]
