@@ -69,6 +69,11 @@ The numbers (every "median / spread" is over repeats: median and interquartile r
 
 6. ``--device cuda`` also runs section 1 for resnet32x4 -> resnet8x4 (32x32) and timm resnet50 -> resnet18
    (224x224, ``--imagenet-batch-size``) with bf16 autocast and channels_last, under ``cuda_pairs``.
+
+7. Data paths (``benchmarks/data.py``): images/s of the fill's data path (seeded teacher view, decoding in
+   DataLoader workers, claims, durable blocks; a free teacher) and of the training data path over an ImageFolder,
+   each / a plain torchvision ``DataLoader(ImageFolder)`` with the same transform, batch and workers
+   (``data_fill_vs_plain_loader``, ``data_train_vs_plain_loader``; goal >= 0.9).
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks.common import ROOT, machine_info, resolve_device, resolve_teacher  # noqa: E402
 from benchmarks.cuda import bench_cuda_pairs  # noqa: E402
+from benchmarks.data import run as bench_data  # noqa: E402
 from benchmarks.extraction import bench_extraction  # noqa: E402
 from benchmarks.fill import bench_fill  # noqa: E402
 from benchmarks.remote import run as bench_remote  # noqa: E402
@@ -122,6 +128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remote-samples", type=int, default=2000, help="samples per remote fill measurement")
     p.add_argument("--remote-batch", type=int, default=100)
     p.add_argument("--skip-remote", action="store_true")
+    p.add_argument("--data-samples", type=int, default=2000, help="images per data-path measurement")
+    p.add_argument("--data-batch", type=int, default=250)
+    p.add_argument("--data-workers", type=int, default=2)
+    p.add_argument("--skip-data", action="store_true")
     p.add_argument("--gather-batch", type=int, default=256)
     p.add_argument("--gather-warmup", type=int, default=50)
     p.add_argument("--gathers", type=int, default=1000)
@@ -178,6 +188,13 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[remote] fill through RemoteTeacher, {args.remote_samples} samples, batch {args.remote_batch}", flush=True)
         result["remote"] = bench_remote(max(args.threads, 1), args.remote_samples, args.remote_batch)
         section_s["remote"] = time.perf_counter() - clock - sum(section_s.values())
+    if not args.skip_data:
+        print(f"[data] ImageFolder data paths, {args.data_samples} images, {args.data_workers} workers", flush=True)
+        result["data"] = bench_data(samples=args.data_samples, batch_size=args.data_batch,
+                                    num_workers=args.data_workers)
+        ratio_summaries["data_fill_vs_plain_loader"] = result["data"]["fill"]["ratio"]
+        ratio_summaries["data_train_vs_plain_loader"] = result["data"]["train"]["ratio"]
+        section_s["data"] = time.perf_counter() - clock - sum(section_s.values())
     if not args.skip_extract:
         print(f"[extract] {args.extract_model} ratio 2", flush=True)
         result["extraction"] = bench_extraction(args.extract_model, 2.0, args.extract_input, args.extract_repeats)

@@ -43,6 +43,7 @@ def test_bench_runs_at_tiny_sizes_and_reports_every_number(tmp_path, data_dir):
         "--fill-samples", "48", "--fill-batch-size", "16", "--fill-repeats", "2",
         "--gathers", "10", "--gather-warmup", "2", "--rss-gathers", "10",
         "--extract-input", "32", "--extract-repeats", "1", "--remote-samples", "40", "--remote-batch", "20",
+        "--data-samples", "40", "--data-batch", "20", "--data-workers", "0",
         "--json", str(json_path), "--md", str(md_path),
     ])
     result = json.loads(json_path.read_text())

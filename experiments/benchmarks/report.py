@@ -14,6 +14,8 @@ GOALS: dict[str, tuple[float, str]] = {
     "gather_ms_batch256_topk": (2.0, "<="),
     "extraction_s_resnet18": (1.0, "<"),
     "latency50ms_4_vs_1_in_flight": (3.0, ">="),
+    "data_fill_vs_plain_loader": (0.9, ">="),
+    "data_train_vs_plain_loader": (0.9, ">="),
 }
 
 
@@ -38,6 +40,8 @@ RATIO_LABELS = {
     "online_kd_step": "online KD (teacher in the loop) step / CE step",
     "gpd_step_vs_parts": "GPD step / (wide CE step + student CE step)",
     "cache_fill_vs_teacher": "fill_cache samples/s / bare teacher samples/s",
+    "data_fill_vs_plain_loader": "ImageFolder fill data path / plain DataLoader(ImageFolder), images/s",
+    "data_train_vs_plain_loader": "ImageFolder training data path / plain DataLoader(ImageFolder), images/s",
 }
 
 

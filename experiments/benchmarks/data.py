@@ -1,4 +1,4 @@
-"""Benchmark piece: images/s of the fill's and the training loop's data paths over an ImageFolder, each against a
+"""Section 7: images/s of the fill's and the training loop's data paths over an ImageFolder, each against a
 plain torchvision ``DataLoader(ImageFolder(root, transform=...))`` with the same transform, batch size and workers.
 
 * fill: ``fill_cache`` with a free teacher (zeros) over ``DatasetDataModule.teacher_dataset`` — decoding in
@@ -7,26 +7,20 @@ plain torchvision ``DataLoader(ImageFolder(root, transform=...))`` with the same
 * train: one epoch of ``CachedTeacherDataModule.train_dataloader()`` (the student's augmentation + cached
   outputs) vs the plain loader with the student's transform (shuffled, persistent workers, both warmed up).
 
-``python experiments/bench_data.py [ROOT]`` prints the result; ``run(...)`` returns it as a dict.
+Goal: both ratios >= 0.9. ``run(...)`` returns the result as a dict.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Subset
-from torchvision.datasets import ImageFolder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks.common import summary, time_interleaved  # noqa: E402
+from benchmarks.common import ROOT, summary, time_interleaved
 
-DEFAULT_ROOT = Path(__file__).resolve().parent / "imagefolder" / "data" / "train"
+DEFAULT_ROOT = ROOT / "experiments" / "imagefolder" / "data" / "train"
 
 
 class FreeTeacher:
@@ -34,7 +28,9 @@ class FreeTeacher:
 
     fingerprint = "bench-free-teacher"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x):
+        import torch
+
         return torch.zeros(len(x), 10)
 
 
@@ -59,6 +55,10 @@ def run(
     repeats: int = 3,
 ) -> dict:
     """Images/s (median, quartiles over ``repeats``) of both data paths and their ratio to the plain loader."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import ImageFolder
+
     from lightning_kd.cache import CacheSpec, TeacherBudget, TeacherCache
     from lightning_kd.data import CachedTeacherDataModule, ImageFolderDataModule
     from lightning_kd.data.fill import fill_cache
@@ -114,7 +114,3 @@ def run(
         "fill": rates(fill_times, samples, "fill"),
         "train": rates(train_times, n_train, "train"),
     }
-
-
-if __name__ == "__main__":
-    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else None), indent=2))
