@@ -233,6 +233,16 @@ class TeacherBudget:
             self._lease = None
         self.writer = new_writer_name()  # a later fill is a new writer: its segment file is never a replaced one
 
+    def describe(self, s: LedgerSummary | None = None) -> str:
+        """The accounting in words: ``used = stored + in flight (by whom) + lost; remaining``."""
+        s = s or self.summary()
+        where = f" by {', '.join(s.writers_in_flight)}" if s.writers_in_flight else ""
+        floor = self._floor - s.used
+        extra = f" + {floor} recorded only in a checkpoint" if floor > 0 else ""
+        used = max(s.used, self._floor)
+        return (f"{used} used = {s.committed} stored + {s.in_flight} in flight{where} + {s.lost} lost{extra}; "
+                f"{max(self.total - used, 0)} remaining")
+
     # -- checkpoints --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
         s = self.summary()

@@ -34,41 +34,10 @@ from lightning_kd.cache.spec import read_manifest
 from lightning_kd.data.base import IndexedDataModule, collate
 from lightning_kd.data.cifar import default_cache_dir, default_data_dir
 from lightning_kd.data.fill import fill_cache
+from lightning_kd.data.selection import select_samples
+from lightning_kd.data.serving import CachedOutputs, CachedTuples
 from lightning_kd.data.tuples import sample_tuples, split_sides
 from lightning_kd.teachers import Teacher, load_teacher, teacher_fingerprint
-
-
-def select_samples(
-    pool: np.ndarray, targets: np.ndarray, n: int, selection: str = "random", seed: int = 0
-) -> np.ndarray:
-    """``n`` indices from ``pool``: uniformly ("random") or with equal counts per class ("class_balanced").
-
-    Both take prefixes of seeded permutations, so the selection for a larger ``n`` contains the one for a
-    smaller ``n`` (a bigger budget reuses every output already paid for).
-    """
-    pool = np.asarray(pool)
-    if n > len(pool):
-        raise ValueError(f"budget {n} exceeds the {len(pool)} training samples available")
-    rng = np.random.default_rng(seed)
-    if selection == "random":
-        return np.sort(pool[rng.permutation(len(pool))[:n]])
-    if selection == "class_balanced":
-        classes = np.unique(targets)
-        per_class = [pool[targets == c][rng.permutation(int((targets == c).sum()))] for c in classes]
-        # Round-robin over classes: position r of the interleaving is the r-th pick of each class.
-        rank = np.concatenate([np.arange(len(p)) for p in per_class])
-        cls = np.concatenate([np.full(len(p), i) for i, p in enumerate(per_class)])
-        order = np.lexsort((cls, rank))
-        return np.sort(np.concatenate(per_class)[order][:n])
-    raise ValueError(f"selection must be 'random' or 'class_balanced', got {selection!r}")
-
-
-def _accounting(s: LedgerSummary, budget: TeacherBudget) -> str:
-    where = f" by {', '.join(s.writers_in_flight)}" if s.writers_in_flight else ""
-    floor = budget.used - s.used
-    extra = f" + {floor} recorded only in a checkpoint" if floor > 0 else ""
-    return (f"{budget.used} used = {s.committed} stored + {s.in_flight} in flight{where} + {s.lost} lost{extra}; "
-            f"{budget.remaining} remaining")
 
 
 def _spend(teacher: object, s: LedgerSummary) -> str:
@@ -76,39 +45,6 @@ def _spend(teacher: object, s: LedgerSummary) -> str:
     if not (per_sample or per_request):
         return ""
     return f"; spent {s.used * per_sample + s.requests * per_request:.4g} ({s.requests} requests)"
-
-
-class CachedOutputs(Dataset):
-    """Adds ``teacher_logits`` from the cache to the batches of an indexed dataset."""
-
-    def __init__(self, dataset: Dataset, cache: TeacherCache) -> None:
-        self.dataset, self.cache = dataset, cache
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
-        batch = self.dataset.__getitems__(positions)
-        batch["teacher_logits"] = self.cache.get(batch["index"])
-        return batch
-
-
-class CachedTuples(Dataset):
-    """CKD tuples: item ``t`` is the group ``tuples[t]`` of positions in ``dataset``; batches are (B, k, ...).
-
-    Every member gets its own fresh augmentation; ``teacher_logits`` are the cached outputs of the members.
-    """
-
-    def __init__(self, dataset: Dataset, tuples: np.ndarray) -> None:
-        self.dataset, self.tuples = dataset, tuples
-
-    def __len__(self) -> int:
-        return len(self.tuples)
-
-    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
-        members = self.tuples[np.asarray(positions)]
-        batch = self.dataset.__getitems__(members.reshape(-1).tolist())
-        return {k: v.view(members.shape + v.shape[1:]) for k, v in batch.items()}
 
 
 def _resolve_teacher(teacher: str | dict | Teacher) -> Teacher:
@@ -310,12 +246,12 @@ class CachedTeacherDataModule(IndexedDataModule):
         if not len(self.train_indices):
             raise TeacherBudgetExceeded(
                 f"none of the {len(self.selected)} selected samples has teacher outputs and the budget {h.budget} is "
-                f"spent ({_accounting(s, budget)}): no sample to train on."
+                f"spent ({budget.describe(s)}): no sample to train on."
             )
         if len(self.train_indices) < len(self.selected):
             warnings.warn(
                 f"{len(self.selected) - len(self.train_indices)} of the {len(self.selected)} selected samples have "
-                f"no teacher outputs and the budget {h.budget} cannot buy them ({_accounting(s, budget)}). Training "
+                f"no teacher outputs and the budget {h.budget} cannot buy them ({budget.describe(s)}). Training "
                 f"on the {len(self.train_indices)} samples that have outputs.",
                 stacklevel=2,
             )
@@ -323,7 +259,7 @@ class CachedTeacherDataModule(IndexedDataModule):
             print(
                 f"[lightning_kd] {self.new_teacher_calls} new teacher calls by this run (budget {h.budget}); training "
                 f"on {len(self.train_indices)} samples with cached outputs. Cache {cache.directory}: "
-                f"{_accounting(s, budget)}{_spend(teacher, s)}."
+                f"{budget.describe(s)}{_spend(teacher, s)}."
             )
 
     def _purchase_order(self, missing: np.ndarray, rank: int, world: int) -> np.ndarray:
@@ -375,7 +311,7 @@ class CachedTeacherDataModule(IndexedDataModule):
             free = len(budget.free(order))
         if free > budget.remaining:
             msg = (f"{free} of the {len(self.selected)} selected samples have no teacher outputs but only "
-                   f"{budget.remaining} of the budget {budget.total} remain ({_accounting(budget.summary(), budget)})")
+                   f"{budget.remaining} of the budget {budget.total} remain ({budget.describe()})")
             if h.strict:
                 raise TeacherBudgetExceeded(msg + ". strict=True: stopping before any call.")
             warnings.warn(msg + f". Buying {budget.remaining} and training on the samples that have outputs.",
