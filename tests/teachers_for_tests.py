@@ -82,7 +82,8 @@ def _fill(cache_dir: str, log: str, budget: str, batch: str, sleep: str, start_a
     """Fill a cache; with ``start_at`` (a time.time() value) wait for that instant first; write a result JSON."""
     import warnings
 
-    dm = make_datamodule(CountingTeacher(sleep=float(sleep), log=log), cache_dir, int(budget), fill_batch_size=int(batch))
+    teacher = CountingTeacher(sleep=float(sleep), log=log)
+    dm = make_datamodule(teacher, cache_dir, int(budget), fill_batch_size=int(batch))
     dm.setup("fit")  # load the data before the start line, so that processes really start together
     while time.time() < float(start_at):
         time.sleep(0.001)
@@ -127,7 +128,15 @@ def _ddp(out_dir: str, cache_dir: str, budget: str, fail_on_rank: str = "") -> N
         json.dump(result, f)
 
 
-def _gpd_ddp(out_dir: str, cache_dir: str, budget: str) -> None:
+GPD_STUDENTS = {  # the students the GPD DDP test runs: a CNN with CBR branches, and a ViT (3 heads -> 5 wide)
+    "gpd": dict(student="resnet8", branches=True, lr=0.05),
+    "gpd_vit": dict(student="vit_tiny_patch16_224", optimizer="adamw", lr=1e-3,
+                    model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2}),
+}
+
+
+def _gpd_ddp(name: str, out_dir: str, cache_dir: str, budget: str) -> None:
+    """Train GPD (student ``GPD_STUDENTS[name]``) 3 steps under DDP; write what each rank extracted."""
     import lightning as L
 
     from lightning_kd.callbacks import DynamicTeacherSharing, StudentExtraction
@@ -135,7 +144,7 @@ def _gpd_ddp(out_dir: str, cache_dir: str, budget: str) -> None:
     from lightning_kd.reparam import extract_student
 
     dm = make_datamodule(CountingTeacher(), cache_dir, int(budget), fill_batch_size=50)
-    model = GapPreservingDistillation(student="resnet8", ratio=1.5, branches=True, noise_std=1e-3, lr=0.05)
+    model = GapPreservingDistillation(ratio=1.5, noise_std=1e-3, **GPD_STUDENTS[name])
     extraction = StudentExtraction(dirpath=out_dir, evaluate=False)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=3, limit_val_batches=0, logger=False,
@@ -152,37 +161,14 @@ def _gpd_ddp(out_dir: str, cache_dir: str, budget: str) -> None:
         return hashlib.sha256(b"".join(state[k].detach().float().numpy().tobytes() for k in keys)).hexdigest()
 
     moved = float(sum((v.float() - w.float()).abs().sum() for v, w in zip(state.values(), before.values())))
-    with open(os.path.join(out_dir, f"gpd_rank{trainer.global_rank}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}_rank{trainer.global_rank}.json"), "w") as f:
         json.dump({"params_sha": digest([k for k in state if k in params]), "full_sha": digest(list(state)),
                    "moved": moved, "steps": trainer.global_step}, f)
 
 
-def _gpd_vit_ddp(out_dir: str, cache_dir: str, budget: str) -> None:
-    """``gpd_ddp`` with a timm ViT student (2 blocks of 3 heads at 32x32; ratio 1.5 gives 5 wide heads)."""
-    import lightning as L
-
-    from lightning_kd.callbacks import DynamicTeacherSharing, StudentExtraction
-    from lightning_kd.modules import GapPreservingDistillation
-    from lightning_kd.reparam import extract_student
-
-    dm = make_datamodule(CountingTeacher(), cache_dir, int(budget), fill_batch_size=50)
-    vit = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2}
-    model = GapPreservingDistillation(student="vit_tiny_patch16_224", model_kwargs=vit, ratio=1.5, noise_std=1e-3,
-                                      optimizer="adamw", lr=1e-3)
-    extraction = StudentExtraction(dirpath=out_dir, evaluate=False)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[DynamicTeacherSharing(check_every_n_steps=1), extraction],
-    )
-    before = extract_student(model.dynamic_teacher).state_dict()
-    trainer.fit(model, dm)
-    state = extract_student(model.dynamic_teacher).state_dict()  # parameters only: a ViT has no buffers
-    sha = hashlib.sha256(b"".join(v.detach().float().numpy().tobytes() for v in state.values())).hexdigest()
-    moved = float(sum((v.float() - w.float()).abs().sum() for v, w in zip(state.values(), before.values())))
-    with open(os.path.join(out_dir, f"gpd_vit_rank{trainer.global_rank}.json"), "w") as f:
-        json.dump({"params_sha": sha, "full_sha": sha, "moved": moved, "steps": trainer.global_step}, f)
-
-
 if __name__ == "__main__":
-    {"fill": _fill, "ddp": _ddp, "gpd_ddp": _gpd_ddp, "gpd_vit_ddp": _gpd_vit_ddp}[sys.argv[1]](*sys.argv[2:])
+    mode = sys.argv[1]
+    if mode in ("gpd_ddp", "gpd_vit_ddp"):
+        _gpd_ddp(mode.removesuffix("_ddp"), *sys.argv[2:])
+    else:
+        {"fill": _fill, "ddp": _ddp}[mode](*sys.argv[2:])

@@ -71,7 +71,19 @@ def scaled_dot_product(
     return dropout(attn.softmax(dim=-1)) @ v
 
 
-class WideAttention(WideLayer):
+class _WideHeads(WideLayer):
+    """What both wide attentions share: the refusal of unsupported variants and ``ceil(ratio * H)`` heads."""
+
+    def _widen_heads(self, attn: nn.Module, ratio: float) -> None:
+        problem = attention_problem(attn)
+        if problem:
+            raise UnsupportedLayerError(problem)
+        self.student_num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.num_heads = wide_channels(attn.num_heads, ratio)
+        self.scale, self.fused_attn = attn.scale, attn.fused_attn
+
+
+class WideAttention(_WideHeads):
     """Wide timm ``Attention`` with ``ceil(ratio * H)`` heads; ``qkv`` / ``proj`` are :class:`WideLinear`.
 
     Masks must broadcast over the head dimension (the wide and the student view have different head counts).
@@ -79,12 +91,7 @@ class WideAttention(WideLayer):
 
     def __init__(self, attn: Attention, ratio: float, *, noise_std: float = 0.0) -> None:
         super().__init__()
-        problem = attention_problem(attn)
-        if problem:
-            raise UnsupportedLayerError(problem)
-        self.student_num_heads, self.head_dim = attn.num_heads, attn.head_dim
-        self.num_heads = wide_channels(attn.num_heads, ratio)
-        self.scale, self.fused_attn = attn.scale, attn.fused_attn
+        self._widen_heads(attn, ratio)
         heads = Copies(attn.attn_dim, self.num_heads * self.head_dim)
         self.qkv = WideLinear(
             attn.qkv, Copies(heads.channels, heads.wide, chunks=3), Copies.widen(attn.qkv.in_features, ratio),
@@ -112,18 +119,13 @@ class WideAttention(WideLayer):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, student_heads={self.student_num_heads}"
 
 
-class WidePvtAttention(WideLayer):
+class WidePvtAttention(_WideHeads):
     """Wide PVTv2 spatial-reduction attention with ``ceil(ratio * H)`` heads; ``q`` / ``kv`` / ``proj`` are
     :class:`WideLinear`, the reduction ``sr`` a :class:`WideConv2d` and ``norm`` a :class:`WideLayerNorm`."""
 
     def __init__(self, attn: PvtAttention, ratio: float, *, noise_std: float = 0.0) -> None:
         super().__init__()
-        problem = attention_problem(attn)
-        if problem:
-            raise UnsupportedLayerError(problem)
-        self.student_num_heads, self.head_dim = attn.num_heads, attn.head_dim
-        self.num_heads = wide_channels(attn.num_heads, ratio)
-        self.scale, self.fused_attn = attn.scale, attn.fused_attn
+        self._widen_heads(attn, ratio)
         stream, heads = Copies.widen(attn.dim, ratio), Copies(attn.dim, self.num_heads * self.head_dim)
         self.q = WideLinear(attn.q, heads, stream, noise_std=noise_std)
         self.kv = WideLinear(attn.kv, Copies(heads.channels, heads.wide, chunks=2), stream, noise_std=noise_std)
