@@ -155,12 +155,17 @@ class ServerState:
             }
 
 
+_NPY_LOCK = threading.Lock()
+
+
 def _decode_inputs(body: bytes, content_type: str) -> torch.Tensor:
     if content_type == "application/json":
         payload = json.loads(body)
         x = torch.tensor(payload["inputs"], dtype=torch.float32).reshape(payload["shape"])
     else:
-        x = torch.from_numpy(np.array(np.load(io.BytesIO(body), allow_pickle=False), dtype=np.float32))
+        with _NPY_LOCK:  # np.load parses headers with ast, which CPython 3.11 cannot do in two threads at once
+            array = np.load(io.BytesIO(body), allow_pickle=False)
+        x = torch.from_numpy(np.array(array, dtype=np.float32))
     if x.ndim != 4:
         raise ValueError(f"inputs must be (N, C, H, W), got shape {tuple(x.shape)}")
     return x

@@ -54,6 +54,7 @@ import http.client
 import io
 import json
 import math
+import re
 import selectors
 import threading
 import time
@@ -117,7 +118,44 @@ class NpyCodec(Codec):
         return buf.getvalue(), "application/x-npy"
 
     def decode(self, body: bytes, content_type: str, n_samples: int) -> torch.Tensor:
-        return _numeric(np.load(io.BytesIO(body), allow_pickle=False))
+        return _numeric(read_npy(body))
+
+
+_NPY_HEADER = re.compile(
+    r"""^\{\s*'descr':\s*'(?P<descr>[^']+)',\s*'fortran_order':\s*(?P<fortran>True|False),"""
+    r"""\s*'shape':\s*\((?P<shape>[0-9,\s]*)\),?\s*\}\s*$"""
+)
+
+
+def read_npy(body: bytes) -> np.ndarray:
+    """A ``.npy`` body (format versions 1-3, plain numeric dtype) as an array, without ``np.load``.
+
+    ``np.load`` parses the header with ``ast.literal_eval``, and CPython 3.11's AST conversion keeps its recursion
+    counter in process-wide state: decoding in the fill's request threads at once fails now and then with
+    ``SystemError: AST constructor recursion depth mismatch``. This reads the header np.save writes with a regex.
+    """
+    magic = b"\x93NUMPY"
+    if body[:6] != magic or len(body) < 10:
+        raise ValueError("not a .npy body (no \\x93NUMPY magic)")
+    major = body[6]
+    if major not in (1, 2, 3):
+        raise ValueError(f".npy format version {major} is not supported")
+    size_bytes = 2 if major == 1 else 4
+    start = 8 + size_bytes
+    header_len = int.from_bytes(body[8:start], "little")
+    header = body[start : start + header_len].decode("utf8" if major == 3 else "latin1")
+    match = _NPY_HEADER.match(header)
+    if match is None:
+        raise ValueError(f"unreadable .npy header {header.strip()!r}")
+    dtype = np.dtype(match["descr"])
+    shape = tuple(int(d) for d in match["shape"].replace(" ", "").split(",") if d)
+    count = math.prod(shape)
+    offset = start + header_len
+    need = count * dtype.itemsize
+    if len(body) - offset != need:
+        raise ValueError(f".npy body holds {len(body) - offset} data bytes, shape {shape} needs {need}")
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if match["fortran"] == "True" else "C")
 
 
 _CODECS = {"json": JsonCodec, "npy": NpyCodec}

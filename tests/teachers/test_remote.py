@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from lightning_kd.teachers import Codec, JsonCodec, NpyCodec, RemoteTeacher, TeacherCallError, load_teacher
+from lightning_kd.teachers.remote import read_npy
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from remote_server import control, read_count, spawn_server, start_server  # noqa: E402
@@ -66,6 +67,56 @@ def test_codec_round_trips_exactly(server, count_file, codec):
     assert out.dtype == torch.float32 and out.shape == (N, 10)
     assert torch.equal(out, teacher_function(x))  # float32 survives JSON exactly
     assert read_count(count_file) == N
+
+
+def npy_bytes(array, version=None):
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, version=version, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("version", [None, (1, 0), (2, 0), (3, 0)])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(4, 3),
+        np.asfortranarray(np.arange(12, dtype=">f8").reshape(3, 4)),
+        np.arange(5, dtype=np.int16),
+        np.zeros((0, 10), np.float16),
+        np.float32(3.5).reshape(()),
+    ],
+)
+def test_npy_reader_agrees_with_np_load(array, version):
+    body = npy_bytes(array, version)
+    got = read_npy(body)
+    want = np.load(io.BytesIO(body), allow_pickle=False)
+    assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"PK\x03\x04 not npy", "magic"),
+        (npy_bytes(np.zeros((4, 3), np.float32))[:-4], "data bytes"),
+        (npy_bytes(np.array([1, 2], dtype=[("a", "<i4")])), "header"),
+        (npy_bytes(np.zeros(3, np.float32), (1, 0)).replace(b"\x01\x00", b"\x07\x00", 1), "version 7"),
+    ],
+)
+def test_npy_reader_refuses_what_it_cannot_read(body, message):
+    with pytest.raises(ValueError, match=message):
+        read_npy(body)
+
+
+def test_npy_decoding_in_many_threads_at_once():
+    """The fill decodes in ``max_in_flight`` threads; np.load's ast-based header parse is not thread-safe on 3.11."""
+    arrays = [np.random.default_rng(i).standard_normal((64, 10)).astype(np.float32) for i in range(16)]
+    bodies = [npy_bytes(a) for a in arrays]
+
+    def decode_all(i):
+        return all(np.array_equal(read_npy(bodies[(i + j) % 16]), arrays[(i + j) % 16]) for j in range(200))
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(decode_all, range(16)))
 
 
 class HalfNpy(Codec):
