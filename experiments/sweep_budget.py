@@ -11,7 +11,8 @@ exist.
     python experiments/sweep_budget.py --report-only        # rebuild table and plot
 
 Methods: ce (no teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), ckd
-(:class:`ComparativeDistillation`, pairs, MSE). All use the same cached outputs and the same number of steps
+(:class:`ComparativeDistillation`, pairs, MSE: the WACV release) and ckd_kl3 (groups of 3, KL: the arXiv
+release). Each run also stores its validation-accuracy curve and best epoch (the convergence evidence). All use the same cached outputs and the same number of steps
 per epoch, ceil(budget / 64), as the official code (a CKD batch holds 64 tuples).
 """
 
@@ -25,7 +26,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-METHODS = ("ce", "kd", "mixup", "cutmix", "rkd", "dist", "ckd")
+METHODS = ("ce", "kd", "mixup", "cutmix", "rkd", "dist", "ckd", "ckd_kl3")
+GROUP_SIZE = {"ckd": 2, "ckd_kl3": 3}
 PROTOCOLS = {
     # CPU: small student, short cosine schedule; sized so that 3 budgets x 7 methods x 3 seeds fit ~2 h on 2 cores.
     "cpu": {"student": "resnet8", "epochs": 15, "lr": 0.05, "scheduler": "cosine", "batch_size": 64},
@@ -35,29 +37,47 @@ PROTOCOLS = {
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _datamodule(budget: int, seed: int, group_size: int, cache_root: Path, batch_size: int, progress: bool = False):
+def _datamodule(budget: int, seed: int, group_size: int, cache_dir: Path, batch_size: int, progress: bool = False,
+                **selection):
     from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
 
     return CachedTeacherDataModule(
         CIFAR10DataModule(batch_size=batch_size, seed=0),
         teacher="cifar10_resnet20_teacher.pt2",
         budget=budget,
-        cache_dir=str(cache_root / f"seed{seed}"),
+        cache_dir=str(cache_dir),
         seed=seed,
         group_size=group_size,
         progress=progress,
+        **selection,
     )
 
 
-def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root: Path, threads: int) -> dict:
-    """Train and test one (budget, method, seed); returns and stores its result."""
+def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root: Path, threads: int,
+            name: str | None = None, cache_dir: Path | None = None, **selection) -> dict:
+    """Train and test one (budget, method, seed); returns and stores its result as ``<out>/runs/<name>.json``.
+
+    ``selection`` (``selection``, ``rounds``, ...) goes to the DataModule; ``cache_dir`` defaults to the seed's
+    shared cache under ``cache_root``.
+    """
     import torch
 
     torch.set_num_threads(threads)
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    import numpy as np
+
     from lightning_kd.modules import ComparativeDistillation, KnowledgeDistillation, Supervised
+
+    class ValCurve(L.Callback):
+        """Validation accuracy after every epoch (in order)."""
+
+        def __init__(self) -> None:
+            self.acc: list[float] = []
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            self.acc.append(float(trainer.callback_metrics["val/acc"]))
 
     L.seed_everything(seed, workers=True, verbose=False)
     common = dict(student=cfg["student"], lr=cfg["lr"], scheduler=cfg["scheduler"])
@@ -65,16 +85,21 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
         model = Supervised(**common)
     elif method == "ckd":
         model = ComparativeDistillation(**common)
+    elif method == "ckd_kl3":
+        model = ComparativeDistillation(variant="kl", **common)
     else:
         model = KnowledgeDistillation(method=method, **common)
-    dm = _datamodule(budget, seed, 2 if method == "ckd" else 1, cache_root, cfg["batch_size"])
-    ckpt = ModelCheckpoint(dirpath=out / "ckpt" / f"{budget}-{method}-{seed}", monitor="val/acc", mode="max")
+    name = name or f"{budget}-{method}-{seed}"
+    dm = _datamodule(budget, seed, GROUP_SIZE.get(method, 1), cache_dir or cache_root / f"seed{seed}",
+                     cfg["batch_size"], **selection)
+    ckpt = ModelCheckpoint(dirpath=out / "ckpt" / name, monitor="val/acc", mode="max")
+    curve = ValCurve()
     trainer = L.Trainer(
         max_epochs=cfg["epochs"],
         accelerator="cpu",
         devices=1,
         logger=False,
-        callbacks=[ckpt],
+        callbacks=[ckpt, curve],
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -89,6 +114,8 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
         "seed": seed,
         "test_acc": test["test/acc"],
         "best_val_acc": float(ckpt.best_model_score),
+        "best_epoch": int(np.argmax(curve.acc)) + 1,
+        "val_acc_curve": [round(a, 4) for a in curve.acc],
         "epochs": cfg["epochs"],
         "steps": trainer.global_step,
         "student": cfg["student"],
@@ -96,9 +123,11 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
         "new_teacher_calls": dm.new_teacher_calls,
         "train_samples": len(dm.train_indices),
         "protocol": cfg,
+        "selection": dict(selection),
+        "rounds_log": dm.round_log,
     }
     Path(ckpt.best_model_path).unlink(missing_ok=True)
-    path = out / "runs" / f"{budget}-{method}-{seed}.json"
+    path = out / "runs" / f"{name}.json"
     path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -146,7 +175,7 @@ def report(out: Path) -> str:
         pts = [(b, *stats[m, b][:2]) for b in budgets if (m, b) in stats]
         if pts:
             b_, mean, std = zip(*pts)
-            ax.errorbar(b_, mean, yerr=std, marker="o", capsize=3, label=m, lw=2 if m == "ckd" else 1)
+            ax.errorbar(b_, mean, yerr=std, marker="o", capsize=3, label=m, lw=2 if m.startswith("ckd") else 1)
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(budgets, [str(b) for b in budgets])
@@ -188,7 +217,7 @@ def main() -> None:
     # Fill each seed's cache once, up front, for the largest budget (selections are nested, so every smaller
     # budget finds its outputs there); parallel runs then never call the teacher.
     for seed in args.seeds:
-        _datamodule(max(args.budgets), seed, 1, cache_root, 64, progress=True).fill()
+        _datamodule(max(args.budgets), seed, 1, cache_root / f"seed{seed}", 64, progress=True).fill()
 
     todo = [
         (b, m, s)

@@ -217,6 +217,25 @@ class TeacherBudget:
             self._refresh()
             self.ledger.append(op, **fields)
 
+    def recorded_round(self, key: str, round_: int) -> np.ndarray | None:
+        """The selection recorded for round ``round_`` of the plan ``key``, or None (re-read under the lock)."""
+        with self.lock:
+            self._refresh()
+            held = self.ledger.rounds.get((key, round_))
+        return None if held is None else held.copy()
+
+    def record_round(self, key: str, round_: int, indices: np.ndarray, **fields) -> np.ndarray:
+        """Record round ``round_`` of the plan ``key`` as buying ``indices``, unless a run recorded it first:
+        returns the recorded selection, which every run of the plan (and every rank) then buys and trains on."""
+        with self.lock:
+            self._refresh()
+            held = self.ledger.rounds.get((key, round_))
+            if held is None:
+                self.ledger.append("round", key=key, round=round_, n=int(len(indices)),
+                                   idx=encode_indices(np.sort(indices)), **fields)
+                held = self.ledger.rounds[key, round_]
+            return held.copy()
+
     def close(self) -> None:
         """End this writer: its still-pending reservations are lost; other writers no longer wait for it.
 

@@ -73,6 +73,7 @@ class Ledger:
     header: dict | None = None
     reservations: dict[str, Reservation] = field(default_factory=dict)
     plans: list[dict] = field(default_factory=list)
+    rounds: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (plan key, round) -> indices bought
     compactions: list[dict] = field(default_factory=list)
     damaged: list[np.ndarray] = field(default_factory=list)
     state: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # per dataset index: FREE/PENDING/STORED
@@ -172,6 +173,8 @@ class Ledger:
                 self.used -= res.n
         elif op == "plan":
             self.plans.append(rec)
+        elif op == "round":  # a round's selection: the first record for (key, round) is the one every run replays
+            self.rounds.setdefault((str(rec["key"]), int(rec["round"])), decode_indices(rec["idx"]))
         elif op == "compact":
             self.compactions.append(rec)
         elif op == "damaged":

@@ -106,6 +106,12 @@ class IndexedDataModule(L.LightningDataModule):
     def fingerprint(self) -> str:
         raise NotImplementedError
 
+    @property
+    def num_indices(self) -> int:
+        """How many sample indices the training split has (all below it); needed for several views per sample."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how many sample indices it has (num_indices): "
+                                  "views_per_sample > 1 and matched_views need it")
+
     def fingerprint_change(self, previous: str) -> str:
         """What changed in the data since a cache recorded ``previous`` as its fingerprint."""
         return f"the data changed since the cache was made (it was {previous!r}, now {self.fingerprint()!r})"

@@ -7,61 +7,49 @@ and then serves training batches ``{"index", "input", "target", "teacher_logits"
 ``input`` at every step. Validation (``val_fraction``: the official 80/20 split, drawn from the unchosen training
 samples) and test batches carry labels only and never cost a teacher call.
 
+With ``rounds=R > 1`` the budget is bought in R shares (:mod:`lightning_kd.data.rounds`): a class-balanced
+random one before training, then one at each round's first epoch, chosen by a selection strategy
+(:mod:`lightning_kd.selection`) from the student's scores of the samples not bought yet. Each round's choice is
+recorded in the cache, so a resume or a rerun replays it for free.
+
 Under DDP every rank computes the same plan, fills a disjoint shard with its own budget quota, waits at a
 barrier, and then reads the complete cache.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from lightning_kd.cache import CacheMismatchError, CacheSpec, TeacherBudget, TeacherBudgetExceeded, TeacherCache
-from lightning_kd.cache.budget import LedgerSummary
-from lightning_kd.cache.spec import read_manifest
+from lightning_kd.cache import CacheSpec, TeacherBudget, TeacherBudgetExceeded, TeacherCache
 from lightning_kd.data.base import IndexedDataModule, collate
-from lightning_kd.data.cifar import default_cache_dir, default_data_dir
+from lightning_kd.data.distributed import all_sum, any_rank, barrier, rank_world
 from lightning_kd.data.fill import fill_cache
+from lightning_kd.data.multiview import KeyedViews, view_keys
+from lightning_kd.data.plan import (
+    budget_in_checkpoint,
+    check_plan,
+    open_cache,
+    purchase_order,
+    resolve_teacher,
+    spend_text,
+)
+from lightning_kd.data.rounds import RoundSchedule, RoundsMixin
 from lightning_kd.data.selection import select_samples
 from lightning_kd.data.serving import CachedOutputs, CachedTuples
 from lightning_kd.data.tuples import sample_tuples, split_sides
-from lightning_kd.teachers import Teacher, load_teacher, teacher_fingerprint
+from lightning_kd.selection import SelectionStrategy, create_strategy
+from lightning_kd.teachers import Teacher, teacher_fingerprint
 
 
-def _spend(teacher: object, s: LedgerSummary) -> str:
-    per_sample, per_request = getattr(teacher, "cost_per_sample", 0) or 0, getattr(teacher, "cost_per_request", 0) or 0
-    if not (per_sample or per_request):
-        return ""
-    return f"; spent {s.used * per_sample + s.requests * per_request:.4g} ({s.requests} requests)"
-
-
-def _resolve_teacher(teacher: str | dict | Teacher) -> Teacher:
-    """Load a teacher spec; a relative file path that does not exist is also looked up in the data folder."""
-    if isinstance(teacher, str | Path):
-        path = Path(teacher)
-        if not path.exists() and not path.is_absolute() and (default_data_dir() / path).exists():
-            path = default_data_dir() / path
-        return load_teacher(path)
-    if isinstance(teacher, dict) or isinstance(teacher, nn.Module):
-        return load_teacher(teacher)
-    if callable(teacher):
-        return teacher
-    raise TypeError(f"teacher must be a path, a model spec dict, an nn.Module or a callable, got {type(teacher)}")
-
-
-class CachedTeacherDataModule(IndexedDataModule):
+class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
     """Wraps an :class:`IndexedDataModule`; trains on ``budget`` samples with cached teacher outputs.
 
     Args:
@@ -70,9 +58,22 @@ class CachedTeacherDataModule(IndexedDataModule):
             ``inputs -> logits`` (e.g. a remote API wrapper; give it a ``fingerprint`` attribute).
         budget: the number of training samples, and the most samples the teacher is ever run on.
         cache_dir: where outputs live; default ``$LKD_CACHE_DIR/teacher_outputs/<teacher>-<view>``.
-        selection: "random" or "class_balanced" (seeded, nested); "cached": exactly the samples the cache already
-            holds outputs for (no teacher call), e.g. after a change of selection or seed that would leave paid
-            outputs unused — the fill says so and names this option.
+        selection: a strategy of :mod:`lightning_kd.selection` by name, or a strategy object. "random" and
+            "class_balanced" are seeded and nested; the student-driven ones ("entropy", "margin", "kcenter",
+            "margin_kcenter", "badge") need ``rounds >= 2``. "cached": exactly the samples the cache already holds
+            outputs for (no teacher call), e.g. after a change of selection or seed that would leave paid outputs
+            unused — the fill says so and names this option.
+        rounds: buy the budget in this many shares; round ``r`` is bought at epoch ``floor(r * max_epochs /
+            rounds)`` (the DataModule has the Trainer reload the train dataloader each epoch). Every epoch is
+            ``budget // batch_size`` steps, drawn from the samples bought so far, so the total number of steps does
+            not depend on ``rounds`` or the strategy. 1: everything before training.
+        initial_fraction: the share of the budget the first, class-balanced random round buys (None: equal shares,
+            ``1 / rounds``); the rest is split evenly over the later rounds.
+        views_per_sample: teacher views bought per sample (:mod:`lightning_kd.data.multiview`): the budget counts
+            calls, so ``budget // views_per_sample`` samples are chosen; batches then carry the (sample, view) key
+            as ``"index"``. 1: one fixed view, as the official CKD code.
+        matched_views: train the student on exactly the teacher's views (as FKD does) instead of fresh
+            augmentations of the sample whose crop the teacher never saw.
         view: "augmented" (one fixed random crop + flip per sample, derived from ``seed``) or "clean".
         val_fraction: labelled validation samples = budget·f/(1−f), from the unchosen training samples.
         dtype / topk: cache storage ("float32", "float16", or "topk" with ``topk`` classes kept).
@@ -90,7 +91,11 @@ class CachedTeacherDataModule(IndexedDataModule):
         teacher: Any = None,
         budget: int = 2000,
         cache_dir: str | None = None,
-        selection: Literal["random", "class_balanced", "cached"] = "random",
+        selection: str | SelectionStrategy = "random",
+        rounds: int = 1,
+        initial_fraction: float | None = None,
+        views_per_sample: int = 1,
+        matched_views: bool = False,
         view: Literal["augmented", "clean"] = "augmented",
         val_fraction: float = 0.2,
         seed: int = 0,
@@ -116,6 +121,10 @@ class CachedTeacherDataModule(IndexedDataModule):
             budget=budget,
             cache_dir=cache_dir,
             selection=selection,
+            rounds=rounds,
+            initial_fraction=initial_fraction,
+            views_per_sample=views_per_sample,
+            matched_views=matched_views,
             view=view,
             val_fraction=val_fraction,
             seed=seed,
@@ -128,11 +137,28 @@ class CachedTeacherDataModule(IndexedDataModule):
             strict=strict,
             progress=progress,
         )
-        for name, value in (("budget", budget), ("fill_batch_size", fill_batch_size), ("group_size", group_size)):
+        for name, value in (("budget", budget), ("fill_batch_size", fill_batch_size), ("group_size", group_size),
+                            ("views_per_sample", views_per_sample)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if selection not in ("random", "class_balanced", "cached"):
-            raise ValueError(f"selection must be 'random', 'class_balanced' or 'cached', got {selection!r}")
+        if views_per_sample > budget:
+            raise ValueError(f"views_per_sample={views_per_sample} is larger than the budget {budget}: not one sample "
+                             "could have all its views bought")
+        if views_per_sample > 1 and (rounds > 1 or selection == "cached"):
+            raise ValueError("views_per_sample > 1 buys all views of each sample at once: it needs rounds=1 and a "
+                             "selection other than 'cached'")
+        if matched_views and view != "augmented":
+            raise ValueError("matched_views=True trains on the teacher's augmented views: it needs view='augmented'")
+        self.schedule = RoundSchedule(budget, rounds, initial_fraction)
+        try:
+            self.strategy = None if selection == "cached" else create_strategy(selection)
+        except ValueError as err:
+            raise ValueError(f"{err}; or 'cached' (train on what the cache holds)") from None
+        if selection == "cached" and rounds > 1:
+            raise ValueError("selection='cached' trains on what the cache holds: it cannot buy in rounds (rounds=1)")
+        if self.strategy is not None and self.strategy.needs_student and rounds == 1:
+            raise ValueError(f"selection={self.selection_name!r} chooses from the student's outputs, so it needs a "
+                             "first round to train the student on: set rounds >= 2")
         if view not in ("augmented", "clean"):
             raise ValueError(f"view must be 'augmented' or 'clean', got {view!r}")
         if not 0 <= val_fraction < 1:
@@ -144,6 +170,9 @@ class CachedTeacherDataModule(IndexedDataModule):
         self.budget_state: TeacherBudget | None = None
         self.teacher: Teacher | None = None  # the resolved teacher, once the fill ran
         self.new_teacher_calls = 0  # samples this run (all its ranks) sent to the teacher
+        self.round = 0  # the last round bought
+        self.round_log: list[dict] = []  # per round: samples chosen, bought, scoring seconds, replayed or not
+        self._train_loader: DataLoader | None = None
         self._checkpoint_budget: dict[str, int] = {}
 
     # -- plan ----------------------------------------------------------------------------------------------------
@@ -157,155 +186,142 @@ class CachedTeacherDataModule(IndexedDataModule):
         """The teacher view's identity, recorded in the cache (from the datamodule's ``view_fingerprint``)."""
         return self.datamodule.view_fingerprint(self.teacher_view, self.h.teacher_normalize, self.h.seed)
 
+    @property
+    def selection_name(self) -> str:
+        return "cached" if self.strategy is None else getattr(self.strategy, "name", type(self.strategy).__qualname__)
+
     def _plan(self) -> None:
         dm, h = self.datamodule, self.h
         dm.setup("fit")
         pool = dm.train_indices
         if h.budget > len(pool):
             raise ValueError(f"budget {h.budget} exceeds the {len(pool)} training samples available")
-        if h.selection == "cached":  # train on what was paid for: no teacher call
-            held = self._open_cache(_resolve_teacher(self.teacher_spec)).indices
+        if self.strategy is None:  # train on what was paid for: no teacher call
+            held = self._open_cache(resolve_teacher(self.teacher_spec)).indices
             self.selected = np.intersect1d(held, pool)
             if not len(self.selected):
                 raise ValueError("selection='cached' but the teacher cache holds no outputs for this training pool")
         else:
-            self.selected = select_samples(pool, dm.targets(pool), h.budget, h.selection, h.seed)
+            first = "class_balanced" if h.rounds > 1 else self.selection_name
+            n = self.schedule.sizes[0] // h.views_per_sample
+            self.selected = select_samples(pool, dm.targets(pool), n, first, h.seed)
         rest = np.setdiff1d(pool, self.selected)
         n_val = min(round(h.budget * h.val_fraction / (1 - h.val_fraction)), len(rest))
         self.val_indices = np.random.default_rng(h.seed + 1).permutation(rest)[:n_val]  # any prefix: all classes
+        self.candidates = np.setdiff1d(rest, self.val_indices)  # what later rounds choose from
 
     def _open_cache(self, teacher: Teacher) -> TeacherCache:
         h = self.h
-        spec = CacheSpec(
-            teacher=teacher_fingerprint(teacher),
-            dataset=self.datamodule.fingerprint(),
-            view=self.view_protocol,
-            num_classes=self.num_classes,
-            dtype=h.dtype,
-            topk=h.topk,
-        )
-        if h.cache_dir is not None:
-            try:
-                return TeacherCache(h.cache_dir, spec)
-            except CacheMismatchError as err:
-                stored = read_manifest(Path(h.cache_dir) / "manifest.json")
-                if stored.dataset == spec.dataset:
-                    raise
-                raise CacheMismatchError(
-                    f"{self.datamodule.fingerprint_change(stored.dataset)}. Its outputs in {h.cache_dir} belong to "
-                    "the old data and are kept; start a new cache for the new data with another cache_dir (or "
-                    f"none: a directory per dataset fingerprint), or restore the old data. ({err})"
-                ) from None
-        key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
-        return TeacherCache(default_cache_dir() / "teacher_outputs" / key, spec)
+        spec = CacheSpec(teacher=teacher_fingerprint(teacher), dataset=self.datamodule.fingerprint(),
+                         view=self.view_protocol, num_classes=self.num_classes, dtype=h.dtype, topk=h.topk)
+        return open_cache(spec, h.cache_dir, self.datamodule)
 
     # -- Lightning hooks -------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Choose the training and validation samples (cheap; no teacher call)."""
+        """Choose the training and validation samples (cheap; no teacher call); with rounds, check the Trainer."""
         if not hasattr(self, "selected"):
             self._plan()
+        if self.h.rounds > 1 and stage == "fit" and self.trainer is not None:
+            self._check_trainer_for_rounds(self.trainer)
 
     def fill(self) -> None:
         """Open the cache and run the teacher on the selected samples that have no outputs yet (once, ever).
 
         Called by ``train_dataloader`` — after Lightning restored a checkpoint, so that the budget recorded there
         counts — or directly (``lkd cache``). Under DDP every rank must call it: ranks are concurrent writers of
-        one cache, each starting on its own shard, and the shared ledger keeps the total within the budget.
+        one cache, each starting on its own shard, and the shared ledger keeps the total within the budget. With
+        rounds, this buys the first round; ``train_dataloader`` buys the others when they are due.
         """
         if self.cache is not None:
             return
         self.setup("fit")
-        h = self.h
-        rank, world = self._rank_world()
-        teacher = _resolve_teacher(self.teacher_spec)
+        rank, _ = rank_world()
+        teacher = resolve_teacher(self.teacher_spec)
         cache = self._open_cache(teacher) if rank == 0 else None
-        self._barrier()  # rank 0 created the manifest; the others open it now
+        barrier()  # rank 0 created the manifest; the others open it now
         cache = cache or self._open_cache(teacher)
-        budget = TeacherBudget(h.budget, cache.directory)
-        budget.load_state_dict(self._checkpoint_budget or self._budget_from_ckpt())
-        missing = self.selected[~cache.contains(self.selected)]
-        if rank == 0:
-            self._check_plan(cache, budget, len(missing))
-        order = self._purchase_order(missing, rank, world)
+        budget = TeacherBudget(self.h.budget, cache.directory)
+        budget.load_state_dict(self._checkpoint_budget or budget_in_checkpoint(self.trainer, type(self).__qualname__))
+        self.cache, self.budget_state, self.teacher = cache, budget, teacher
+        self._buy()
+
+    @property
+    def stride(self) -> int:
+        """Keys of view ``v`` of sample ``i`` are ``i + v * stride`` (:mod:`lightning_kd.data.multiview`)."""
+        return self.datamodule.num_indices if self.h.views_per_sample > 1 or self.h.matched_views else 1
+
+    @property
+    def wanted(self) -> np.ndarray:
+        """The cache keys this run trains on: the selected samples, or each of their views."""
+        v = self.h.views_per_sample
+        return self.selected if v == 1 else view_keys(self.selected, v, self.stride)
+
+    def _plan_record(self) -> dict:
+        h = self.h
+        plan = {"selection": self.selection_name, "seed": h.seed, "budget": h.budget}
+        if h.views_per_sample > 1:
+            plan["views_per_sample"] = h.views_per_sample
+        return plan if h.rounds == 1 else {**plan, "rounds": h.rounds, "initial_fraction": h.initial_fraction}
+
+    def _buy(self) -> None:
+        """Fill the outputs ``self.selected`` lacks, then train on the selected samples that have outputs."""
+        h, cache, budget, teacher = self.h, self.cache, self.budget_state, self.teacher
+        rank, world = rank_world()
+        wanted = self.wanted
+        missing = wanted[~cache.contains(wanted)]
+        if rank == 0 and self.round == 0:
+            check_plan(cache, budget, wanted, self._plan_record(), n_missing=len(missing),
+                       check_unused=self.strategy is not None and h.rounds == 1)
+        order = purchase_order(missing, h.seed, rank, world)
         calls, error = 0, None
         try:
             if len(order):
                 calls = self._fill_shard(teacher, order, cache, budget, rank, world)
         except BaseException as err:  # tell the other ranks instead of leaving them waiting at the barrier
             error = err
-        if self._any_rank_failed(error is not None):
+        if any_rank(error is not None, self._device()):
             raise error or RuntimeError("the teacher-output fill failed on another rank (committed outputs are kept)")
         if rank == 0:
             cache.compact()
-        self._barrier()
+        barrier()
         cache.refresh()
-        self.cache, self.budget_state, self.teacher = cache, budget, teacher
-        self.new_teacher_calls = self._all_sum(calls)
-        self.train_indices = self.selected[cache.contains(self.selected)]
+        calls = all_sum(calls, self._device())
+        self.new_teacher_calls += calls
+        self.train_keys = wanted[cache.contains(wanted)]
+        self.train_indices = np.unique(self.train_keys % self.stride) if h.views_per_sample > 1 else self.train_keys
         s = budget.summary()
-        if not len(self.train_indices):
+        what = "selected samples" if h.views_per_sample == 1 else "selected (sample, view) pairs"
+        if not len(self.train_keys):
             raise TeacherBudgetExceeded(
-                f"none of the {len(self.selected)} selected samples has teacher outputs and the budget {h.budget} is "
+                f"none of the {len(wanted)} {what} has teacher outputs and the budget {h.budget} is "
                 f"spent ({budget.describe(s)}): no sample to train on."
             )
-        if len(self.train_indices) < len(self.selected):
+        if len(self.train_keys) < len(wanted):
             warnings.warn(
-                f"{len(self.selected) - len(self.train_indices)} of the {len(self.selected)} selected samples have "
+                f"{len(wanted) - len(self.train_keys)} of the {len(wanted)} {what} have "
                 f"no teacher outputs and the budget {h.budget} cannot buy them ({budget.describe(s)}). Training "
-                f"on the {len(self.train_indices)} samples that have outputs.",
-                stacklevel=2,
+                f"on the {len(self.train_keys)} that have outputs.",
+                stacklevel=3,
             )
         if rank == 0:
+            where = f"round {self.round + 1} of {h.rounds}: {calls} new teacher calls, " if h.rounds > 1 else ""
             print(
-                f"[lightning_kd] {self.new_teacher_calls} new teacher calls by this run (budget {h.budget}); training "
-                f"on {len(self.train_indices)} samples with cached outputs. Cache {cache.directory}: "
-                f"{budget.describe(s)}{_spend(teacher, s)}."
+                f"[lightning_kd] {where}{self.new_teacher_calls} new teacher calls by this run (budget {h.budget}); "
+                f"training on {len(self.train_indices)} samples with cached outputs. Cache {cache.directory}: "
+                f"{budget.describe(s)}{spend_text(teacher, s)}."
             )
-
-    def _purchase_order(self, missing: np.ndarray, rank: int, world: int) -> np.ndarray:
-        """Missing samples in the order they are bought: seeded (a budget that runs short still buys a uniform
-        share), this rank's shard first so that DDP ranks rarely meet; every rank may finish the others' work."""
-        order = np.random.default_rng(self.h.seed + 2).permutation(missing)
-        mine = np.zeros(len(order), dtype=bool)
-        mine[rank::world] = True
-        return np.concatenate([order[mine], order[~mine]])
-
-    def _check_plan(self, cache: TeacherCache, budget: TeacherBudget, n_missing: int) -> None:
-        """Record this run's plan; say when it would leave paid outputs unused, and refuse when it also cannot be
-        bought, naming the setting that changed and the option that trains on what was paid for."""
-        h = self.h
-        plan = {"selection": h.selection, "seed": h.seed, "budget": h.budget, "n": int(len(self.selected)),
-                "sha": hashlib.sha256(np.sort(self.selected).astype("<i8").tobytes()).hexdigest()[:16]}
-        plans = cache.ledger.plans
-        last = {k: plans[-1].get(k) for k in plan} if plans else None
-        if last != plan and cache.lock.writable:
-            budget.record("plan", **plan)
-        unused = np.setdiff1d(cache.indices, self.selected)
-        if not len(unused) or h.selection == "cached":
-            return
-        changed = [f"{k} {last[k]!r} -> {plan[k]!r}" for k in ("selection", "seed", "budget")
-                   if last and last[k] != plan[k]]
-        with budget.lock:
-            budget.ledger.refresh()
-            free = len(budget.free(self.selected[~cache.contains(self.selected)]))
-        msg = (f"this run's selection leaves {len(unused)} paid teacher outputs in {cache.directory} unused"
-               + (f" (changed since they were bought: {', '.join(changed)})" if changed else "")
-               + f" and needs {n_missing} samples without outputs")
-        if free > budget.remaining:
-            raise TeacherBudgetExceeded(
-                msg + f", but only {budget.remaining} of the budget {h.budget} remain. Set selection='cached' to "
-                f"train on the {len(cache)} samples already paid for, or restore the earlier setting."
-            )
-        warnings.warn(msg + f"; buying them ({budget.remaining} of the budget remain). selection='cached' trains on "
-                      "the samples already paid for instead.", stacklevel=3)
 
     def _fill_shard(self, teacher, order, cache, budget, rank: int, world: int) -> int:
         h = self.h
         device = self._device()
         if isinstance(teacher, nn.Module) and device is not None:
             teacher = teacher.to(device)
-        dataset = self.datamodule.teacher_dataset(order, self.teacher_view, normalize=h.teacher_normalize,
-                                                  seed=h.seed)
+        if h.views_per_sample == 1:
+            dataset = self.datamodule.teacher_dataset(order, self.teacher_view, normalize=h.teacher_normalize,
+                                                      seed=h.seed)
+        else:
+            dataset = KeyedViews(order, self.stride, seed=h.seed, make=lambda idx, seed: self.datamodule.teacher_dataset(
+                idx, self.teacher_view, normalize=h.teacher_normalize, seed=seed))
         with budget.lock:
             budget.ledger.refresh()
             free = len(budget.free(order))
@@ -315,7 +331,7 @@ class CachedTeacherDataModule(IndexedDataModule):
             if h.strict:
                 raise TeacherBudgetExceeded(msg + ". strict=True: stopping before any call.")
             warnings.warn(msg + f". Buying {budget.remaining} and training on the samples that have outputs.",
-                          stacklevel=3)
+                          stacklevel=4)
         where = f", rank {rank} of {world}" if world > 1 else ""
         return fill_cache(
             teacher,
@@ -331,46 +347,10 @@ class CachedTeacherDataModule(IndexedDataModule):
             pin_memory=self.pin_memory and device is not None and device.type == "cuda",
         )
 
-    def _all_sum(self, n: int) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return n
-        t = torch.tensor([n], device=self._device() or "cpu")
-        dist.all_reduce(t)
-        return int(t.item())
-
-    def _any_rank_failed(self, failed: bool) -> bool:
-        """A collective OR of ``failed`` over ranks (it also serves as the barrier after the fill)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return failed
-        flag = torch.tensor([int(failed)], device=self._device() or "cpu")  # NCCL needs a GPU tensor
-        dist.all_reduce(flag)
-        return bool(flag.item())
-
-    def _rank_world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
-    def _barrier(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-
     def _device(self) -> torch.device | None:
         if self.trainer is not None:
             return self.trainer.strategy.root_device
         return None
-
-    def _budget_from_ckpt(self) -> dict[str, int]:
-        """When resuming from a checkpoint, the budget it recorded (read before filling anything)."""
-        ckpt_path = getattr(self.trainer, "ckpt_path", None) if self.trainer is not None else None
-        if not ckpt_path or not Path(ckpt_path).exists():
-            return {}
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a checkpoint holding objects weights_only refuses: the ledger still holds
-            warnings.warn(f"could not read the teacher budget from {ckpt_path} ({err}); using the cache's ledger alone")
-            return {}
-        return ckpt.get(type(self).__qualname__, {}).get("budget", {})
 
     def state_dict(self) -> dict[str, Any]:
         return {"budget": self.budget_state.state_dict() if self.budget_state else {}}
@@ -383,11 +363,18 @@ class CachedTeacherDataModule(IndexedDataModule):
     # -- data --------------------------------------------------------------------------------------------------
     def train_dataset(self) -> Dataset:
         self.fill()
-        train = CachedOutputs(self.datamodule.make_dataset(self.train_indices, "train"), self.cache)
-        k = self.h.group_size
-        if k == 1:
+        h, dm = self.h, self.datamodule
+        if h.matched_views:  # the teacher's own crops, in the student's normalization
+            items = KeyedViews(self.train_keys, self.stride, seed=h.seed,
+                               make=lambda idx, seed: dm.make_dataset(idx, "fixed", seed=seed))
+        elif h.views_per_sample > 1:  # fresh augmentations; each item's outputs are those of one teacher view
+            items = KeyedViews(self.train_keys, self.stride, seed=h.seed, make=lambda idx, _: dm.make_dataset(idx, "train"))
+        else:
+            items = dm.make_dataset(self.train_indices, "train")
+        train = CachedOutputs(items, self.cache)
+        if h.group_size == 1:
             return train
-        return CachedTuples(train, sample_tuples(len(self.train_indices), k, self.h.max_tuples, self.h.seed))
+        return CachedTuples(train, sample_tuples(len(self.train_keys), h.group_size, h.max_tuples, h.seed))
 
     @property
     def sides(self) -> tuple[int, int]:
@@ -395,11 +382,13 @@ class CachedTeacherDataModule(IndexedDataModule):
         return split_sides(self.h.group_size)
 
     def train_dataloader(self) -> DataLoader:
+        if self.h.rounds > 1:
+            return self._round_loader()
         ds = self.train_dataset()
         if self.h.group_size == 1:
             return self.loader(ds, train=True)
         # An epoch is ceil(train samples / batch) batches of tuples, freshly drawn from the pre-sampled tuples.
-        steps = math.ceil(len(self.train_indices) / self.batch_size)
+        steps = math.ceil(len(self.train_keys) / self.batch_size)
         sampler = RandomSampler(ds, num_samples=min(steps * self.batch_size, len(ds)))
         return DataLoader(
             ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=collate

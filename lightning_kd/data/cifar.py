@@ -170,6 +170,12 @@ class CIFAR10DataModule(IndexedDataModule):
         self.setup()
         return self._train_y.numpy()[np.asarray(indices)]
 
+    @property
+    def num_indices(self) -> int:
+        """Training-split rows: every sample index is below this."""
+        self.setup()
+        return len(self._train_y)
+
     def make_dataset(self, indices: np.ndarray, view: View, normalize: bool = True, seed: int = 0) -> IndexedImages:
         """A dataset over training-split rows ``indices`` (views: see :class:`IndexedImages`)."""
         self.setup()

@@ -140,6 +140,11 @@ class DatasetDataModule(IndexedDataModule):
     def targets(self, indices: np.ndarray) -> np.ndarray:
         return self._all_targets()[np.asarray(indices)]
 
+    @property
+    def num_indices(self) -> int:
+        """Items of the training dataset: every sample index is below this."""
+        return len(self.train_set)
+
     def fingerprint(self) -> str:
         return self._fingerprint or dataset_fingerprint(self.train_set)
 

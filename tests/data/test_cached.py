@@ -313,7 +313,7 @@ def test_a_changed_selection_that_would_leave_paid_outputs_unused_is_refused_nam
     ({"budget": "300"}, "budget must be an integer >= 1, got '300'"),
     ({"budget": -5}, "budget must be an integer >= 1, got -5"),
     ({"fill_batch_size": 0}, "fill_batch_size must be an integer >= 1"),
-    ({"selection": "best"}, "selection must be"),
+    ({"selection": "best"}, "unknown selection strategy 'best'; known: badge, .*; or 'cached'"),
 ])
 def test_bad_arguments_are_refused_at_construction_naming_them(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from lightning_kd.cache import CacheMismatchError, TeacherBudget
 from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule, DatasetDataModule, SampleLoadError
+from lightning_kd.data.plan import purchase_order
 from lightning_kd.data.views import image_transform
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -201,7 +202,7 @@ def test_an_image_that_fails_to_decode_is_named_and_the_fill_keeps_what_it_bough
         return dm
 
     dm = fill(CountingTeacher())
-    sample = int(dm._purchase_order(dm.selected, 0, 1)[21])  # in the 6th batch of 4 bought
+    sample = int(purchase_order(dm.selected, dm.h.seed, 0, 1)[21])  # in the 6th batch of 4 bought
     path = Path(ImageFolder(root).samples[sample][0])
     path.write_bytes(b"not an image")
     for _ in range(2):  # the rerun buys nothing new before stopping at the same file
