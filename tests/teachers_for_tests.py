@@ -128,6 +128,33 @@ def _ddp(out_dir: str, cache_dir: str, budget: str, fail_on_rank: str = "") -> N
         json.dump(result, f)
 
 
+def _ddp_folder(out_dir: str, cache_dir: str, root: str, budget: str, log: str) -> None:
+    """KD for 2 steps under DDP on 2 CPU processes over an ImageFolder (teacher at 32 px, student at 24 px)."""
+    import lightning as L
+    from torchvision.datasets import ImageFolder
+
+    from lightning_kd.data import CachedTeacherDataModule, DatasetDataModule
+    from lightning_kd.data.views import image_transform
+    from lightning_kd.modules import KnowledgeDistillation
+
+    data = DatasetDataModule(ImageFolder(root), train_transform=image_transform(24, train=True),
+                             eval_transform=image_transform(24), teacher_transform=image_transform(32, train=True),
+                             batch_size=8, val_size=20)
+    teacher = CountingTeacher(log=log)
+    dm = CachedTeacherDataModule(data, teacher, budget=int(budget), cache_dir=cache_dir, fill_batch_size=10,
+                                 progress=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=2, limit_val_batches=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(KnowledgeDistillation(student="resnet8", lr=0.01), dm)
+    cache = dm.cache
+    with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+        json.dump({"calls": teacher.calls, "new_calls": dm.new_teacher_calls, "cached": len(cache),
+                   "train": len(dm.train_indices), "values_sha": hashlib.sha256(
+                       cache.get(cache.indices).numpy().tobytes()).hexdigest()}, f)
+
+
 GPD_STUDENTS = {  # the students the GPD DDP test runs: a CNN with CBR branches, and a ViT (3 heads -> 5 wide)
     "gpd": dict(student="resnet8", branches=True, lr=0.05),
     "gpd_vit": dict(student="vit_tiny_patch16_224", optimizer="adamw", lr=1e-3,
@@ -171,4 +198,4 @@ if __name__ == "__main__":
     if mode in ("gpd_ddp", "gpd_vit_ddp"):
         _gpd_ddp(mode.removesuffix("_ddp"), *sys.argv[2:])
     else:
-        {"fill": _fill, "ddp": _ddp}[mode](*sys.argv[2:])
+        {"fill": _fill, "ddp": _ddp, "ddp_folder": _ddp_folder}[mode](*sys.argv[2:])

@@ -1,6 +1,6 @@
 """Distillation losses and mixing functions: pure functions of tensors (they depend only on torch)."""
 
-from lightning_kd.losses.comparative import comparative_kd_loss, in_batch_comparative_loss
+from lightning_kd.losses.comparative import comparative_kd_loss, in_batch_comparative_loss, tuple_comparative_loss
 from lightning_kd.losses.kd import hinton_kd_loss, kd_loss, soft_cross_entropy
 from lightning_kd.losses.mixing import cutmix, mix_targets, mixup
 from lightning_kd.losses.relational import dist_loss, rkd_loss
@@ -16,4 +16,5 @@ __all__ = [
     "mixup",
     "rkd_loss",
     "soft_cross_entropy",
+    "tuple_comparative_loss",
 ]

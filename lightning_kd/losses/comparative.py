@@ -132,6 +132,32 @@ def comparative_kd_loss(
     return loss
 
 
+def tuple_comparative_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor | None = None,
+    variant: Variant = "mse",
+    temperature: float = 4.0,
+    w_rel: float = 1.0,
+    w_cls: float = 1.0,
+    combine: Combine = "difference",
+    lam: float | None = None,
+) -> torch.Tensor:
+    """:func:`comparative_kd_loss` on CKD tuples: logits (B, k, C), targets (B, k) or None.
+
+    Members ``[:p]`` are the positive side and ``[p:]`` the negative side, p = k − ⌊k/2⌋ (the split of
+    :func:`lightning_kd.data.tuples.split_sides` and of the official ``train_student.py``).
+    """
+    if student.dim() != 3 or student.shape[1] < 2:
+        raise ValueError(f"student logits must be tuples (B, k, C) with k >= 2, got shape {tuple(student.shape)}")
+    p = student.shape[1] - student.shape[1] // 2
+    pos, neg = (None, None) if target is None else (target[:, :p], target[:, p:])
+    return comparative_kd_loss(
+        student[:, :p], student[:, p:], teacher[:, :p], teacher[:, p:], pos, neg,
+        variant=variant, temperature=temperature, w_rel=w_rel, w_cls=w_cls, combine=combine, lam=lam,
+    )  # fmt: skip
+
+
 def in_batch_comparative_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over all pairs i < j and classes of ((z_s[i] − z_s[j]) − (z_t[i] − z_t[j]))².
 

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses import comparative_kd_loss, in_batch_comparative_loss
+from lightning_kd.losses.comparative import in_batch_comparative_loss, tuple_comparative_loss
 from lightning_kd.modules.base import StudentModule
 
 
@@ -64,15 +64,11 @@ class ComparativeDistillation(StudentModule):
                 "set group_size: 2 or 3 in CachedTeacherDataModule"
             )
         b, k = x.shape[:2]
-        p = k - k // 2
         z_s = self(x.flatten(0, 1)).view(b, k, -1)
-        loss = comparative_kd_loss(
-            z_s[:, :p],
-            z_s[:, p:],
-            z_t[:, :p],
-            z_t[:, p:],
-            y[:, :p],
-            y[:, p:],
+        loss = tuple_comparative_loss(  # members [:p] positive, [p:] negative, p = k - k // 2
+            z_s,
+            z_t,
+            y,
             variant=h.variant,
             temperature=h.temperature,
             w_rel=h.w_rel,

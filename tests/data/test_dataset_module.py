@@ -214,6 +214,21 @@ def test_an_image_that_fails_to_decode_is_named_and_the_fill_keeps_what_it_bough
     assert teacher.calls == 0
 
 
+@pytest.mark.ddp
+def test_two_ddp_ranks_fill_an_image_folder_once_and_see_the_same_cache(folder, tmp_path):
+    import json
+
+    from teachers_for_tests import logged_samples, run_helper
+
+    log = tmp_path / "paid.log"
+    proc = run_helper("ddp_folder", tmp_path, tmp_path / "cache", folder, 100, log, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["calls"] > 0 and r1["calls"] > 0 and r0["calls"] + r1["calls"] == 100  # disjoint shards
+    assert len(logged_samples(log)) == 100 == r0["new_calls"] == r1["new_calls"]
+    assert r0["cached"] == r1["cached"] == r0["train"] == 100 and r0["values_sha"] == r1["values_sha"]
+
+
 def test_a_hugging_face_dataset_is_read_by_its_columns():
     datasets = pytest.importorskip("datasets", reason="the optional extra lightning_kd[hf] is not installed")
     images = [Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)) for i in range(6)]
