@@ -12,7 +12,7 @@ exist.
 
 Methods: ce (no teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), ckd
 (:class:`ComparativeDistillation`, pairs, MSE: the WACV release) and ckd_kl3 (groups of 3, KL: the arXiv
-release). Each run also stores its validation-accuracy curve and best epoch (the convergence evidence). All use the same cached outputs and the same number of steps
+release); crd (CE + KD + 0.8·CRD on logits, the official CKD baseline). Each run also stores its validation-accuracy curve and best epoch (the convergence evidence). All use the same cached outputs and the same number of steps
 per epoch, ceil(budget / 64), as the official code (a CKD batch holds 64 tuples).
 """
 
@@ -26,7 +26,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-METHODS = ("ce", "kd", "mixup", "cutmix", "rkd", "dist", "ckd", "ckd_kl3")
+METHODS = ("ce", "kd", "mixup", "cutmix", "rkd", "dist", "ckd", "ckd_kl3", "crd")
+GRID = METHODS[:-1]  # the budget sweep's methods; crd (issue 17's baseline) on request
 GROUP_SIZE = {"ckd": 2, "ckd_kl3": 3}
 PROTOCOLS = {
     # CPU: small student, short cosine schedule; sized so that 3 budgets x 7 methods x 3 seeds fit ~2 h on 2 cores.
@@ -192,7 +193,7 @@ def report(out: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000, 4000])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(GRID), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--protocol", choices=PROTOCOLS, default="cpu")
     p.add_argument("--epochs", type=int, help="override the protocol's epochs")

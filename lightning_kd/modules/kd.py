@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses import cutmix, dist_loss, hinton_kd_loss, mix_targets, mixup, rkd_loss, soft_cross_entropy
+from lightning_kd.losses import (
+    cutmix,
+    dist_loss,
+    hinton_kd_loss,
+    kd_loss,
+    mix_targets,
+    mixup,
+    rkd_loss,
+    soft_cross_entropy,
+)
 from lightning_kd.modules.base import StudentModule
+from lightning_kd.modules.contrast import ContrastHead
 
-Method = Literal["kd", "mixup", "cutmix", "rkd", "dist"]
+Method = Literal["kd", "mixup", "cutmix", "rkd", "dist", "crd"]
+METHODS = ("kd", "mixup", "cutmix", "rkd", "dist", "crd")
 
 
 class KnowledgeDistillation(StudentModule):
@@ -23,8 +35,11 @@ class KnowledgeDistillation(StudentModule):
       The teacher is not run on x': its target is the mix of the cached distributions, as in the official code
       (T = 1): L = CE(z_S(x'), λ·y_i + (1−λ)·y_j) + w_rel·CE(z_S(x'), λ·softmax(z_T,i) + (1−λ)·softmax(z_T,j)).
     - ``"rkd"`` (Park et al. 2019) / ``"dist"`` (Huang et al. 2022) on logits: L = CE(z_S, y) + w_rel·R(z_S, z_T).
+    - ``"crd"`` (Tian et al. 2020) on logits, as the official CKD baseline: L = CE + T²·KL + w_rel·CRD, with
+      :class:`~lightning_kd.modules.contrast.ContrastHead` (embeddings to ``crd_dim``, memory banks over the
+      DataModule's selected samples, ``crd_negatives`` other-class negatives, NCE at ``crd_temperature``).
 
-    ``w_rel`` defaults to the official CKD baselines' weights: 2 for DIST, 1 otherwise.
+    ``w_rel`` defaults to the official CKD baselines' weights: 2 for DIST, 0.8 for CRD, 1 otherwise.
     """
 
     def __init__(
@@ -34,13 +49,40 @@ class KnowledgeDistillation(StudentModule):
         temperature: float = 4.0,
         w_rel: float | None = None,
         mix_alpha: float = 1.0,
+        crd_dim: int = 128,
+        crd_negatives: int = 16384,
+        crd_temperature: float = 0.07,
+        crd_momentum: float = 0.5,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if method not in ("kd", "mixup", "cutmix", "rkd", "dist"):
-            raise ValueError(f"method must be one of kd, mixup, cutmix, rkd, dist; got {method!r}")
-        self.w_rel = w_rel if w_rel is not None else (2.0 if method == "dist" else 1.0)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        self.w_rel = w_rel if w_rel is not None else {"dist": 2.0, "crd": 0.8}.get(method, 1.0)
+        self.contrast: ContrastHead | None = None  # CRD: built in setup(), once the training samples are known
         self._beta = torch.distributions.Beta(mix_alpha, mix_alpha)
+
+    def setup(self, stage: str) -> None:
+        """CRD: memory banks over the samples the DataModule selected (known after its setup, before training)."""
+        if self.hparams.method != "crd" or self.contrast is not None:
+            return
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        rows = getattr(dm, "selected", getattr(dm, "train_indices", None))
+        if rows is None or not hasattr(dm, "targets"):
+            raise ValueError("method='crd' keeps a memory bank per training sample: train with a DataModule that has "
+                             "`selected` or `train_indices` and `targets(indices)` (e.g. CachedTeacherDataModule)")
+        h = self.hparams
+        self._crd_index = np.sort(np.asarray(rows, dtype=np.int64))
+        self.contrast = ContrastHead(self.num_classes, dm.targets(self._crd_index), h.crd_dim, h.crd_negatives,
+                                     h.crd_temperature, h.crd_momentum)
+
+    def _crd_rows(self, index: torch.Tensor) -> torch.Tensor:
+        idx = index.cpu().numpy()
+        rows = np.searchsorted(self._crd_index, idx).clip(max=len(self._crd_index) - 1)
+        if not np.array_equal(self._crd_index[rows], idx):
+            raise ValueError("method='crd' has a memory bank for each sample selected at fit start; this batch holds "
+                             "others (rounds, several views per sample or another DataModule are not supported)")
+        return torch.from_numpy(rows).to(index.device)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         h = self.hparams
@@ -59,6 +101,9 @@ class KnowledgeDistillation(StudentModule):
             logits = self(x)
             if h.method == "kd":
                 loss = hinton_kd_loss(logits, z_t, y, h.alpha, h.temperature)
+            elif h.method == "crd":
+                crd = self.contrast(logits, z_t, self._crd_rows(batch["index"]))
+                loss = F.cross_entropy(logits, y) + kd_loss(logits, z_t, h.temperature) + self.w_rel * crd
             else:
                 rel = rkd_loss(logits, z_t) if h.method == "rkd" else dist_loss(logits, z_t, temperature=h.temperature)
                 loss = F.cross_entropy(logits, y) + self.w_rel * rel
