@@ -12,8 +12,9 @@ exist.
 
 Methods: ce (no teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), ckd
 (:class:`ComparativeDistillation`, pairs, MSE: the WACV release) and ckd_kl3 (groups of 3, KL: the arXiv
-release); crd (CE + KD + 0.8·CRD on logits, the official CKD baseline). Each run also stores its validation-accuracy curve and best epoch (the convergence evidence). All use the same cached outputs and the same number of steps
-per epoch, ceil(budget / 64), as the official code (a CKD batch holds 64 tuples).
+release); crd (CE + KD + 0.8·CRD on logits, the official CKD baseline; not in the default grid). Each run also
+stores its validation-accuracy curve and best epoch (the convergence evidence). All use the same cached outputs
+and the same number of steps per epoch, ceil(budget / 64), as the official code (a CKD batch holds 64 tuples).
 """
 
 from __future__ import annotations
