@@ -74,6 +74,14 @@ The numbers (every "median / spread" is over repeats: median and interquartile r
    DataLoader workers, claims, durable blocks; a free teacher) and of the training data path over an ImageFolder,
    each / a plain torchvision ``DataLoader(ImageFolder)`` with the same transform, batch and workers
    (``data_fill_vs_plain_loader``, ``data_train_vs_plain_loader``; goal >= 0.9).
+
+9. Training loop (``benchmarks/loop.py``, CPU). ``loop_vs_plain`` = wall time of the project's KD run
+   (``sweep_budget.run_one``'s Trainer: KnowledgeDistillation resnet8 on the cached budget-``--loop-budget``
+   CIFAR-10 samples, batch 64, validation every epoch, ModelCheckpoint on val/acc, test at the best checkpoint)
+   / wall time of a plain PyTorch loop doing the same work (same init, cached logits, tensor crop + flip, loss,
+   SGD + per-step cosine, validation, ``torch.save`` of the best state, test), ``--loop-epochs`` epochs, run
+   alternately (``--loop-repeats``, after ``--loop-warmup`` untimed one-epoch runs of each), paired per repeat.
+   Goal <= 1.10. Also per-epoch and fixed (start-up + test) costs of each, and the ratio extrapolated to 30 epochs.
 """
 
 from __future__ import annotations
@@ -92,6 +100,7 @@ from benchmarks.cuda import bench_cuda_pairs  # noqa: E402
 from benchmarks.data import run as bench_data  # noqa: E402
 from benchmarks.extraction import bench_extraction  # noqa: E402
 from benchmarks.fill import bench_fill  # noqa: E402
+from benchmarks.loop import bench_loop  # noqa: E402
 from benchmarks.remote import run as bench_remote  # noqa: E402
 from benchmarks.report import GOALS, markdown  # noqa: E402
 from benchmarks.scale import bench_scale, rss_child  # noqa: E402
@@ -141,6 +150,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extract-repeats", type=int, default=5)
     p.add_argument("--skip-extract", action="store_true")
     p.add_argument("--imagenet-batch-size", type=int, default=64, help="cuda pair resnet50 -> resnet18 at 224x224")
+    p.add_argument("--loop-epochs", type=int, default=5, help="epochs per run of the training-loop section")
+    p.add_argument("--loop-repeats", type=int, default=3)
+    p.add_argument("--loop-warmup", type=int, default=1, help="untimed one-epoch runs of each before timing")
+    p.add_argument("--loop-budget", type=int, default=2000, help="cached training samples (sweep_budget's cache)")
+    p.add_argument("--loop-cache-dir", default=None, help="default: $LKD_CACHE_DIR/sweep_budget/seed0 (filled if needed)")
+    p.add_argument("--loop-test-batches", type=int, default=None, help="test batches (default: the whole test split)")
+    p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -201,6 +217,15 @@ def run(args: argparse.Namespace) -> dict:
         result["extraction_s_resnet18"] = result["extraction"]["extract"]["median"]
         result["expand_s_resnet18"] = result["extraction"]["expand_s"]
         section_s["extraction"] = time.perf_counter() - clock - sum(section_s.values())
+
+    if not args.skip_loop:
+        print(f"[loop] KD run vs plain PyTorch loop, {args.loop_epochs} epochs, budget {args.loop_budget}, "
+              f"{args.loop_repeats} alternating repeats", flush=True)
+        result["loop"] = bench_loop(args.loop_epochs, args.loop_budget, args.loop_repeats, warmup=args.loop_warmup,
+                                    cache_dir=args.loop_cache_dir, test_batches=args.loop_test_batches,
+                                    tmp_root=Path(args.scale_dir) if args.scale_dir else None)
+        ratio_summaries["loop_vs_plain"] = result["loop"]["ratio"]
+        section_s["loop"] = time.perf_counter() - clock - sum(section_s.values())
 
     if device.type == "cuda":
         result["cuda_pairs"] = bench_cuda_pairs(args, device)

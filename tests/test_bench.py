@@ -14,7 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 REQUIRED = {
-    "ratios": ["cached_kd_step", "ckd_step_per_image", "online_kd_step", "gpd_step_vs_parts", "cache_fill_vs_teacher"],
+    "ratios": ["cached_kd_step", "ckd_step_per_image", "online_kd_step", "gpd_step_vs_parts", "cache_fill_vs_teacher",
+               "loop_vs_plain"],
     "scale": [
         "gather_ms_batch256_fp16", "gather_ms_batch256_topk", "disk_gb_fp16", "disk_gb_topk", "train_rss_gb",
         "build_s_fp16", "build_s_topk", "compact_s_fp16", "open_s_fp16",
@@ -44,6 +45,8 @@ def test_bench_runs_at_tiny_sizes_and_reports_every_number(tmp_path, data_dir):
         "--gathers", "10", "--gather-warmup", "2", "--rss-gathers", "10",
         "--extract-input", "32", "--extract-repeats", "1", "--remote-samples", "40", "--remote-batch", "20",
         "--data-samples", "40", "--data-batch", "20", "--data-workers", "0",
+        "--loop-epochs", "1", "--loop-repeats", "1", "--loop-warmup", "0", "--loop-budget", "128",
+        "--loop-test-batches", "1", "--loop-cache-dir", str(tmp_path / "loop-cache"),
         "--json", str(json_path), "--md", str(md_path),
     ])
     result = json.loads(json_path.read_text())
@@ -58,10 +61,15 @@ def test_bench_runs_at_tiny_sizes_and_reports_every_number(tmp_path, data_dir):
         assert _finite_positive(result[key]), key
     for name, timing in result["timings_ms"].items():
         assert timing["n"] == 2 and _finite_positive(timing["median"]), name
-    # the scale caches live under a temporary folder that is removed at the end
-    assert not list(tmp_path.glob("lkd-bench-scale-*"))
+    loop = result["loop"]
+    for key in ("library_s", "plain_s", "library_epoch_s", "plain_epoch_s", "epoch_ratio", "ratio_extrapolated"):
+        assert loop[key]["n"] == 1 and _finite_positive(loop[key]["median"]), key
+    assert loop["config"]["steps_per_epoch"] == 2 and all(0 <= a <= 1 for a in loop["test_acc"]["library"])
+    # the scale caches and the loop's checkpoints live under temporary folders that are removed at the end
+    assert not list(tmp_path.glob("lkd-bench-scale-*")) and not list(tmp_path.glob("lkd-bench-loop-*"))
 
     table = md_path.read_text()
-    for label in ("cached-KD step", "CKD step per image", "GPD step", "fill_cache", "gather batch 256", "extract_student"):
+    for label in ("cached-KD step", "CKD step per image", "GPD step", "fill_cache", "gather batch 256", "extract_student",
+                  "KD training run", "Training loop"):
         assert label in table
     assert "✓" in table or "✗" in table

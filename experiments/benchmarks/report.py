@@ -16,6 +16,7 @@ GOALS: dict[str, tuple[float, str]] = {
     "latency50ms_4_vs_1_in_flight": (3.0, ">="),
     "data_fill_vs_plain_loader": (0.9, ">="),
     "data_train_vs_plain_loader": (0.9, ">="),
+    "loop_vs_plain": (1.10, "<="),
 }
 
 
@@ -42,6 +43,7 @@ RATIO_LABELS = {
     "cache_fill_vs_teacher": "fill_cache samples/s / bare teacher samples/s",
     "data_fill_vs_plain_loader": "ImageFolder fill data path / plain DataLoader(ImageFolder), images/s",
     "data_train_vs_plain_loader": "ImageFolder training data path / plain DataLoader(ImageFolder), images/s",
+    "loop_vs_plain": "KD training run (Trainer, checkpoints, test) / plain PyTorch loop, wall time",
 }
 
 
@@ -115,6 +117,28 @@ def _scale_rows(sc: dict) -> list[str]:
     return rows
 
 
+def _loop_rows(r: dict) -> list[str]:
+    """Section 9: the library's KD run vs the plain loop, whole runs and their per-epoch / fixed parts (s)."""
+    c = r["config"]
+    rows = ["", f"Training loop: {c['epochs']} epochs of {c['steps_per_epoch']} steps (budget {c['budget']}, batch "
+            f"{c['batch_size']}, {c['val_samples']} validation samples), {c['repeats']} alternating repeats, "
+            f"{c['threads']} thread(s); fixed = run − epochs × median epoch (start-up, fit / test set-up, test); "
+            f"same test accuracy in both: {r.get('same_test_acc')}; `experiments/benchmarks/loop.py`", "",
+            "| | library | plain loop | library / plain (IQR) |", "|---|---|---|---|"]
+    for label, key, ratio in (("run, s", "s", "ratio"), ("epoch (train + val + checkpoint), s", "epoch_s", "epoch_ratio"),
+                              ("fixed, s", "fixed_s", None)):
+        lib, plain = r[f"library_{key}"], r[f"plain_{key}"]
+        cell = f"{r[ratio]['median']:.3f} ({r[ratio]['q1']:.3f}–{r[ratio]['q3']:.3f})" if ratio else ""
+        rows.append(f"| {label} | {lib['median']:.3f} | {plain['median']:.3f} | {cell} |")
+    if "cpu" in r:  # process CPU time: steadier than wall time on a shared machine
+        cpu, x = r["cpu"], r["cpu"]["ratio"]
+        rows.append(f"| run, process CPU s | {cpu['library_s']['median']:.3f} | {cpu['plain_s']['median']:.3f} | "
+                    f"{x['median']:.3f} ({x['q1']:.3f}–{x['q3']:.3f}) |")
+    x = r["ratio_extrapolated"]
+    rows.append(f"| run extrapolated to {c['target_epochs']} epochs | | | {x['median']:.3f} ({x['q1']:.3f}–{x['q3']:.3f}) |")
+    return rows
+
+
 def _timing_rows(result: dict) -> list[str]:
     ops = result.get("ops_per_step", {})
     rows = ["", "| step / loop | median | IQR | min–max | ATen ops per step |", "|---|---|---|---|---|"]
@@ -148,6 +172,8 @@ def markdown(result: dict) -> str:
         lines += _scale_rows(result["scale"])
     if result.get("remote"):
         lines += _remote_rows(result["remote"])
+    if result.get("loop"):
+        lines += _loop_rows(result["loop"])
     lines += _timing_rows(result)
     for pair, r in result.get("cuda_pairs", {}).items():
         lines += ["", f"**{pair}** ({r['image_size']}², batch {r['batch_size']}, bf16 autocast, channels_last)", "",

@@ -62,7 +62,7 @@ class IndexedImages(Dataset):
             )
         x = T.to_float(images)
         if self.normalize:
-            x = T.normalize(x, self.mean, self.std)
+            x = T.normalize(x, self.mean, self.std, inplace=True)  # x is this call's own copy
         return {"index": index, "input": x, "target": self.targets[index]}
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
