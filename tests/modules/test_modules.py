@@ -225,3 +225,38 @@ def test_lkd_cache_fills_without_training(tmp_path, monkeypatch):
     cache = TeacherCache(tmp_path / "cache")
     assert len(cache) == 40 and cache.spec.teacher.startswith("sha256:")
     assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_train_acc_logged_once_per_epoch_is_the_accuracy_over_every_step_of_that_epoch(tmp_path):
+    """log_train hands the metric to self.log on an epoch's first step only; the logged value must still be the
+    accuracy over all of the epoch's batches, and a new epoch must start from zero."""
+    batches = [_batch(b=16) for _ in range(3)]
+    for i, b in enumerate(batches):
+        b["target"] = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(i))
+    seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    class Recorder(KnowledgeDistillation):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            seen.setdefault(self.current_epoch, []).append((self.last_logits, batch["target"]))
+            return loss
+
+        def log_train(self, loss, logits, target, **terms):
+            self.last_logits = logits.detach().clone()
+            super().log_train(loss, logits, target, **terms)
+
+    logged: dict[int, float] = {}
+
+    class Grab(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            logged[trainer.current_epoch] = float(trainer.callback_metrics["train/acc"])
+
+    model = Recorder(student="resnet8", lr=0.1)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Grab()], default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=loader)
+    for epoch in (0, 1):
+        correct = sum(int((z.argmax(1) == y).sum()) for z, y in seen[epoch])
+        assert logged[epoch] == pytest.approx(correct / 48, abs=1e-6), epoch
