@@ -282,7 +282,11 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
         if any_rank(error is not None, self._device()):
             raise error or RuntimeError("the teacher-output fill failed on another rank (committed outputs are kept)")
         if rank == 0:
-            cache.compact()
+            try:
+                cache.compact()
+            except OSError as err:  # compaction is an optimisation: a full disk must not fail a complete fill
+                warnings.warn(f"the teacher-output cache was not compacted ({err.strerror or err}); its outputs are served from "
+                              "their segments as they are", stacklevel=3)
         barrier()
         cache.refresh()
         calls = all_sum(calls, self._device())

@@ -264,3 +264,28 @@ def test_cli_verify_and_repair(filled, capsys):
     assert "used 0 -> 310" in capsys.readouterr().out
     assert cache_tool(["verify", str(directory)]) == 0
     assert_kept(directory, snap)
+
+
+def test_disk_full_during_compaction_keeps_the_fill_and_leaves_no_tmp(tmp_path, monkeypatch):
+    """The fill ends by compacting its segments; a full disk there is a warning naming the file and the bytes, the
+    complete cache is served from its segments, nothing is left behind, and a later run compacts for free."""
+    directory = tmp_path / "cache"
+    real = fmt.os.posix_fallocate
+
+    def full_for_compaction(fd, offset, length):
+        if ".compact-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(fmt.os, "posix_fallocate", full_for_compaction)
+    teacher = CountingTeacher()
+    with pytest.warns(UserWarning, match=r"not compacted \(cannot write \d+ bytes to .*\.compact-.*\.seg\.tmp: No space"):
+        make_datamodule(teacher, directory, BUDGET, fill_batch_size=50).fill()
+    assert teacher.calls == BUDGET
+    assert not list(directory.rglob("*.tmp")) and not list(directory.glob("segments/compact-*"))
+    snap = _snapshot(directory)
+    assert len(snap) == BUDGET and verify(directory).ok
+    monkeypatch.undo()
+    assert resume(directory) == 0
+    assert len(list(directory.glob("segments/compact-*.seg"))) == 1
+    assert_kept(directory, snap)
