@@ -285,8 +285,8 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
             try:
                 cache.compact()
             except OSError as err:  # compaction is an optimisation: a full disk must not fail a complete fill
-                warnings.warn(f"the teacher-output cache was not compacted ({err.strerror or err}); its outputs are served from "
-                              "their segments as they are", stacklevel=3)
+                warnings.warn(f"the teacher-output cache was not compacted ({err.strerror or err}); its outputs "
+                              "are served from their segments as they are", stacklevel=3)
         barrier()
         cache.refresh()
         calls = all_sum(calls, self._device())
