@@ -2,7 +2,9 @@
 
 Run as a script: ``python tests/teachers_for_tests.py fill CACHE_DIR LOG BUDGET BATCH SLEEP`` fills a cache
 (used by the kill -9 test); ``python tests/teachers_for_tests.py ddp OUT_DIR CACHE_DIR BUDGET`` trains KD for a
-few steps under DDP on 2 CPU processes and writes what each rank saw (used by the DDP test).
+few steps under DDP on 2 CPU processes and writes what each rank saw (used by the DDP test); ``gpd_ddp``,
+``gpd_fsdp``, ``gpd_vit_ddp``, ``gpd_vit_fsdp OUT_DIR CACHE_DIR BUDGET`` do the same for GPD (the GPD DDP and FSDP
+tests).
 """
 
 from __future__ import annotations
@@ -158,47 +160,72 @@ def _ddp_folder(out_dir: str, cache_dir: str, root: str, budget: str, log: str) 
                        cache.get(cache.indices).numpy().tobytes()).hexdigest()}, f)
 
 
-GPD_STUDENTS = {  # the students the GPD DDP test runs: a CNN with CBR branches, and a ViT (3 heads -> 5 wide)
+GPD_STUDENTS = {  # the students of the GPD multi-process tests: a CNN with CBR branches, a ViT (3 heads -> 5 wide)
     "gpd": dict(student="resnet8", branches=True, lr=0.05),
     "gpd_vit": dict(student="vit_tiny_patch16_224", optimizer="adamw", lr=1e-3,
                     model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2}),
 }
 
 
-def _gpd_ddp(name: str, out_dir: str, cache_dir: str, budget: str) -> None:
-    """Train GPD (student ``GPD_STUDENTS[name]``) 3 steps under DDP; write what each rank extracted."""
+def _gpd_strategy(name: str):
+    """``ddp``, or FSDP2 as Lightning runs it: ``ModelParallelStrategy`` over 2 data-parallel ranks."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return {"ddp": "ddp", "fsdp": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)}[name]
+
+
+def _gpd_parallel(name: str, strategy: str, out_dir: str, cache_dir: str, budget: str) -> None:
+    """Train GPD (student ``GPD_STUDENTS[name]``) 3 steps on 2 CPU processes under ``strategy`` (ddp / fsdp),
+    validating once; rank zero extracts and evaluates the student. Write what each rank held: its own initial DT,
+    the full DT at fit start and after fit, the student it extracts from that, and the student view's eval logits
+    on a fixed input."""
     import lightning as L
 
     from lightning_kd.callbacks import DynamicTeacherSharing, StudentExtraction
+    from lightning_kd.callbacks.sharing import full_parameters
     from lightning_kd.modules import GapPreservingDistillation
     from lightning_kd.reparam import extract_student
 
+    def digest(tensors):
+        return hashlib.sha256(b"".join(t.detach().float().clone().numpy().tobytes() for t in tensors)).hexdigest()
+
+    class FitStart(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            with full_parameters(trainer):
+                self.sha = digest(pl_module.dynamic_teacher.parameters())
+
+    torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # ranks initialise differently: the strategy must sync
     dm = make_datamodule(CountingTeacher(), cache_dir, int(budget), fill_batch_size=50)
     model = GapPreservingDistillation(ratio=1.5, noise_std=1e-3, **GPD_STUDENTS[name])
-    extraction = StudentExtraction(dirpath=out_dir, evaluate=False)
+    local_init = digest(model.dynamic_teacher.parameters())
+    fit_start, extraction = FitStart(), StudentExtraction(dirpath=out_dir)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[DynamicTeacherSharing(check_every_n_steps=1), extraction],
+        accelerator="cpu", devices=2, strategy=_gpd_strategy(strategy), max_steps=3, limit_val_batches=1,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[DynamicTeacherSharing(check_every_n_steps=1), extraction, fit_start],
     )
     before = extract_student(model.dynamic_teacher).state_dict()
     trainer.fit(model, dm)
-    student = extract_student(model.dynamic_teacher)
+    with full_parameters(trainer):
+        student = extract_student(model.dynamic_teacher)
+        dt = {n: p.detach().clone() for n, p in model.dynamic_teacher.named_parameters()}
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        view = model(x)  # a collective under FSDP
     state = student.state_dict()
-    params = {n for n, _ in student.named_parameters()}
-
-    def digest(keys):
-        return hashlib.sha256(b"".join(state[k].detach().float().numpy().tobytes() for k in keys)).hexdigest()
-
     moved = float(sum((v.float() - w.float()).abs().sum() for v, w in zip(state.values(), before.values())))
-    with open(os.path.join(out_dir, f"{name}_rank{trainer.global_rank}.json"), "w") as f:
-        json.dump({"params_sha": digest([k for k in state if k in params]), "full_sha": digest(list(state)),
-                   "moved": moved, "steps": trainer.global_step}, f)
+    rank = trainer.global_rank
+    torch.save({"student": state, "params": [n for n, _ in student.named_parameters()], "dt": dt, "input": x,
+                "view": view}, os.path.join(out_dir, f"rank{rank}.pt"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"local_init_sha": local_init, "fit_start_sha": fit_start.sha, "moved": moved,
+                   "steps": trainer.global_step, "extracted": extraction.metrics}, f)
 
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    if mode in ("gpd_ddp", "gpd_vit_ddp"):
-        _gpd_ddp(mode.removesuffix("_ddp"), *sys.argv[2:])
+    if mode.startswith("gpd"):  # gpd_ddp, gpd_fsdp, gpd_vit_ddp, gpd_vit_fsdp
+        _gpd_parallel(*mode.rsplit("_", 1), *sys.argv[2:])
     else:
         {"fill": _fill, "ddp": _ddp, "ddp_folder": _ddp_folder}[mode](*sys.argv[2:])

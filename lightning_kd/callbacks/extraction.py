@@ -13,9 +13,10 @@ from lightning_kd.reparam import extract_student
 
 
 class StudentExtraction(L.Callback):
-    """At the end of fit: gather the full dynamic-teacher state (collective under DDP/FSDP), and on rank zero
-    rebuild the dynamic teacher on the CPU, extract the student (:func:`~lightning_kd.reparam.extract_student`:
-    the original student class, branches merged, no post-training) and save it to ``dirpath/filename``.
+    """At the end of fit: gather the full dynamic-teacher state (collective under DDP/FSDP, FSDP2 included), and
+    on rank zero rebuild the dynamic teacher on the CPU, extract the student
+    (:func:`~lightning_kd.reparam.extract_student`: the original student class, branches merged, no
+    post-training) and save it to ``dirpath/filename``.
 
     The file is a Lightning-style checkpoint ``{"hyper_parameters": {"student", "num_classes", "model_kwargs"},
     "state_dict": {"student.*": ...}}`` read with ``weights_only=True``, so
@@ -31,7 +32,7 @@ class StudentExtraction(L.Callback):
         self.metrics: dict[str, float] = {}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state = trainer.strategy.lightning_module_state_dict()  # collective: every rank must call it
+        state = _full_state_dict(trainer)  # collective: every rank must call it
         if not trainer.is_global_zero:
             return
         h = pl_module.hparams
@@ -62,7 +63,8 @@ class StudentExtraction(L.Callback):
     @torch.no_grad()
     def _log_accuracy(self, trainer: L.Trainer, dt: torch.nn.Module) -> None:
         loader = trainer.datamodule.val_dataloader()
-        acc = MulticlassAccuracy(trainer.lightning_module.hparams.num_classes, average="micro")
+        # rank zero alone: a metric syncing across ranks at compute() would wait for ranks that never come
+        acc = MulticlassAccuracy(trainer.lightning_module.hparams.num_classes, average="micro", sync_on_compute=False)
         max_diff = 0.0
         for i, batch in enumerate(loader):
             logits = self.student(batch["input"])
@@ -77,3 +79,17 @@ class StudentExtraction(L.Callback):
             f"max |extracted - student view| = {max_diff:.2e}"
         )
         self.metrics = metrics
+
+
+def _full_state_dict(trainer: L.Trainer) -> dict[str, torch.Tensor]:
+    """The strategy's LightningModule state dict, full on rank zero: FSDP2's sharded entries (DTensors, as
+    ``ModelParallelStrategy(save_distributed_checkpoint=True)`` returns them) are all-gathered, in the same
+    order on every rank."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    state = trainer.strategy.lightning_module_state_dict()
+    if not isinstance(trainer.strategy, ModelParallelStrategy):
+        return state
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 
 import lightning as L
 import torch
@@ -28,7 +30,8 @@ def _digest(tensors: dict[str, torch.Tensor]) -> bytes:
     h = hashlib.sha256()
     for name, t in tensors.items():
         h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        # a copy: numpy() on FSDP2's unsharded parameter would make its storage unresizable (no reshard)
+        h.update(t.detach().to("cpu", torch.float32, copy=True).numpy().tobytes())
     return h.digest()
 
 
@@ -41,7 +44,8 @@ class DynamicTeacherSharing(L.Callback):
     ``check_every_n_steps`` optimizer steps, and at the end of fit, it computes the student's tensors from the
     DT (they must be finite) and, under DDP/FSDP, checks that every rank holds the same DT and student
     parameters (a digest all-gathered across ranks; BN running statistics are per rank). Under FSDP it works on
-    the full parameters (``summon_full_params``). A violation raises :class:`SharingViolation`.
+    the gathered full parameters (:func:`full_parameters`), the same on every rank by construction: there the
+    check is of the student's tensors. A violation raises :class:`SharingViolation`.
     """
 
     def __init__(self, check_every_n_steps: int = 100) -> None:
@@ -66,7 +70,7 @@ class DynamicTeacherSharing(L.Callback):
 
     @torch.no_grad()
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        with _full_parameters(trainer, pl_module):
+        with full_parameters(trainer):
             dt = _dynamic_teacher(pl_module)
             student = dt.student_state_dict()
             bad = [k for k, v in student.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -85,14 +89,29 @@ class DynamicTeacherSharing(L.Callback):
                 raise SharingViolation(f"ranks hold different dynamic teachers at step {trainer.global_step}")
 
 
-def _full_parameters(trainer: L.Trainer, pl_module: L.LightningModule):
-    """Full (unsharded) parameters under FSDP; a no-op context otherwise."""
-    from contextlib import nullcontext
+@contextlib.contextmanager
+def full_parameters(trainer: L.Trainer) -> Iterator[None]:
+    """The LightningModule's full (unsharded) parameters inside the block; a collective under FSDP.
 
-    from lightning.pytorch.strategies import FSDPStrategy
+    FSDP2 (``fully_shard``, as under ``ModelParallelStrategy``): every sharded module is unsharded, and resharded
+    on exit. Lightning's ``FSDPStrategy`` (FSDP1): ``summon_full_params``. Other strategies: nothing to do."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     if isinstance(trainer.strategy, FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True)
-    return nullcontext()
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True):
+            yield
+        return
+    sharded = []
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [m for m in trainer.lightning_module.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()

@@ -90,6 +90,29 @@ class GapPreservingDistillation(StudentModule):
         )
         self.val_dt_acc = MulticlassAccuracy(h.num_classes, average="micro")
 
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``: rank
+        zero's dynamic teacher is broadcast (ranks may have initialised differently, and ``fully_shard`` keeps each
+        rank's own chunk), then sharded over the data-parallel ranks as one group, whose forward serves the DT
+        and the student view alike. A no-op under other strategies, and when already sharded."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.dynamic_teacher.model, FSDPModule):
+            return
+        if mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "GapPreservingDistillation shards the dynamic teacher with FSDP2 only (no tensor parallelism): use "
+                "ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1)"
+            )
+        group = mesh["data_parallel"].get_group()
+        self.dynamic_teacher.to(self.trainer.strategy.root_device)  # a collective needs the backend's device
+        for tensor in [*self.dynamic_teacher.parameters(), *self.dynamic_teacher.buffers()]:
+            torch.distributed.broadcast(tensor.data, torch.distributed.get_global_rank(group, 0), group=group)
+        fully_shard(self.dynamic_teacher.model, mesh=mesh["data_parallel"])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dynamic_teacher.forward_student(x)
 

@@ -41,8 +41,10 @@ class WideVisionTransformer(VisionTransformer, WideLayer):
     student_embed_dim: int
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
-        """The student's embeddings; its layers' tensors come from the wide layers inside."""
-        names = [name for name in embedding_names(self) if self._parameters.get(name) is not None]
+        """The student's embeddings; its layers' tensors come from the wide layers inside. (Not
+        :func:`embedding_names`: its exact-type test fails on a subclass, such as FSDP2's
+        ``FSDPWideVisionTransformer``.)"""
+        names = [name for name in _NAMES if self._parameters.get(name) is not None]
         return {name: owned(self._parameters[name][..., : self.student_embed_dim]) for name in names}
 
 
