@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from lightning_kd.data.cifar import CIFAR10_MEAN, CIFAR10_STD
+from lightning_kd.data.plan import resolve_teacher
 from lightning_kd.models import create_model
+from lightning_kd.models.hooks import capture
 from lightning_kd.modules import Supervised
 from lightning_kd.teachers import FrozenTeacher, load_teacher, teacher_fingerprint
 
@@ -120,6 +122,18 @@ def test_shared_state_dict_as_zoo_resnet20_spec(shared, exported, test_batch, tm
     # the bare state dict file itself is refused with a pointer to the spec form
     with pytest.raises(ValueError, match="bare state dict"):
         load_teacher(shared / f"{TEACHER}.state_dict.pt")
+
+
+def test_shared_state_dict_loads_by_name_as_a_module_whose_layers_can_be_hooked(shared, exported, test_batch):
+    """``resnet20_rgb`` is the shared state dict's layout: it loads strictly (the file found in the data folder by
+    name), gives the exported program's outputs on RGB in [0, 1], and its layers run as modules (hooks see them)."""
+    teacher = resolve_teacher({"model": "resnet20_rgb", "num_classes": 10, "weights": f"{TEACHER}.state_dict.pt"})
+    assert teacher.fingerprint == "sha256:" + _sha256(shared / f"{TEACHER}.state_dict.pt")
+    x = test_batch["raw"]
+    with torch.no_grad(), capture(teacher.module, {"stage2": "net.layers.5", "pool": "net.pool"}) as found:
+        out = teacher(x)
+    assert torch.allclose(out, exported[0](x), atol=1e-5, rtol=0)
+    assert found["stage2"].shape == (len(x), 32, 16, 16) and found["pool"].shape == (len(x), 64, 1, 1)
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +67,7 @@ def _write(cache, idx: np.ndarray, supersedes: list[str], aside: Path | None = N
                         out[key][sel] = cache._blocks[bid][key][rows[sel]]
             yield out
 
-    header = fmt.file_header(asdict(cache.spec), token)
+    header = fmt.file_header(cache.spec.to_dict(), token)
     fmt.write_compacted(tmp, header, token, len(idx), width, k, dtype, chunks)
     buf = fmt.open_map(tmp)
     scan = fmt.scan(tmp, buf)

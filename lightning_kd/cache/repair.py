@@ -14,7 +14,7 @@ import shutil
 import time
 import uuid
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +146,7 @@ def _identity(directory: Path, led: LedgerRead, salvage: Salvage, actions: list[
         state = "unreadable" if stored is None else f"naming another identity ({stored})"
     tmp = directory / f".manifest.{uuid.uuid4().hex[:8]}.tmp"
     with open(tmp, "wb") as f:
-        f.write(json.dumps({"format_version": 2, **asdict(spec)}, indent=2).encode())
+        f.write(json.dumps({"format_version": 2, **spec.to_dict()}, indent=2).encode())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -160,7 +160,7 @@ def _rewrite_ledger(directory: Path, spec: CacheSpec, led: LedgerRead, actions: 
     """Re-state every readable record in a new ledger, built aside and swapped in (the old one is kept)."""
     staging = directory / f".repair-{stamp}"
     staging.mkdir()
-    create_ledger(staging, asdict(spec))
+    create_ledger(staging, spec.to_dict())
     new = Ledger(staging / LEDGER)
     new.refresh()
     skipped = 0

@@ -21,7 +21,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,15 @@ from lightning_kd.cache import format as fmt
 from lightning_kd.cache.errors import CacheCorruptedError, CacheMismatchError, recovery_hint
 from lightning_kd.cache.ledger import Ledger, create_ledger, encode_indices, new_writer_name
 from lightning_kd.cache.lock import DirectoryLock, fsync_dir, writer_alive
-from lightning_kd.cache.spec import CacheSpec, as_logits, decode_topk, encode_topk, read_manifest
+from lightning_kd.cache.spec import (
+    CacheSpec,
+    as_features,
+    as_logits,
+    decode_features,
+    decode_topk,
+    encode_rows,
+    read_manifest,
+)
 
 
 @dataclass
@@ -95,7 +103,7 @@ class TeacherCache:
         if spec is not None and stored != spec:
             if not reset:
                 diffs = [f"{k}: cache has {getattr(stored, k)!r}, requested {getattr(spec, k)!r}"
-                         for k in asdict(spec) if getattr(stored, k) != getattr(spec, k)]
+                         for k in (f.name for f in fields(spec)) if getattr(stored, k) != getattr(spec, k)]
                 raise CacheMismatchError(
                     f"teacher cache {self.directory} was made for other outputs (" + "; ".join(diffs)
                     + "). Use another cache directory, or reset=True to move this one aside and start anew."
@@ -113,10 +121,10 @@ class TeacherCache:
         """A new cache (under the lock): the ledger (with a copy of the identity) first, the manifest last."""
         self.segments_dir.mkdir(parents=True, exist_ok=True)
         if not self.ledger.path.exists():
-            create_ledger(self.directory, asdict(spec))
+            create_ledger(self.directory, spec.to_dict())
         self.ledger.refresh()
         tmp = self.directory / f".manifest.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_bytes(json.dumps({"format_version": 2, **asdict(spec)}, indent=2).encode())
+        tmp.write_bytes(json.dumps({"format_version": 2, **spec.to_dict()}, indent=2).encode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.manifest_path)
@@ -261,12 +269,7 @@ class TeacherCache:
 
     def get(self, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
         """float32 logits (B, C) for dataset ``indices``; raises KeyError naming indices without outputs."""
-        idx = np.asarray(indices, dtype=np.int64)
-        missing = idx[~self.contains(idx)]
-        if len(missing):
-            raise KeyError(
-                f"no cached teacher outputs for dataset indices {missing[:10].tolist()} ({len(missing)} in all)"
-            )
+        idx = self._present(indices)
         blocks, rows = self._seg_of[idx], self._row_of[idx]
         if len(self._blocks) == 1:
             return self._decode(self._blocks[0], rows)
@@ -276,15 +279,38 @@ class TeacherCache:
             out[torch.from_numpy(sel)] = self._decode(self._blocks[bid], rows[sel])
         return out
 
+    def get_features(self, indices: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """``{name: float32 (B, *shape)}``: the teacher features stored with the logits of ``indices``."""
+        idx = self._present(indices)
+        blocks, rows = self._seg_of[idx], self._row_of[idx]
+        if len(self._blocks) == 1:
+            return decode_features(self.spec, self._blocks[0]["values"][rows])
+        values = np.empty((len(idx), self.spec.width), self.spec.storage)
+        for bid in np.unique(blocks):
+            sel = np.flatnonzero(blocks == bid)
+            values[sel] = self._blocks[bid]["values"][rows[sel]]
+        return decode_features(self.spec, values)
+
+    def _present(self, indices: torch.Tensor | np.ndarray) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64)
+        missing = idx[~self.contains(idx)]
+        if len(missing):
+            raise KeyError(
+                f"no cached teacher outputs for dataset indices {missing[:10].tolist()} ({len(missing)} in all)"
+            )
+        return idx
+
     def _decode(self, block: dict[str, np.ndarray], rows: np.ndarray) -> torch.Tensor:
-        values = block["values"][rows]
+        values = block["values"]
+        values = values[rows] if not self.spec.features else values[rows, : self.spec.logit_columns]
         if self.spec.dtype == "topk":
             return decode_topk(values, block["topi"][rows], self.spec.num_classes)
         return torch.from_numpy(np.asarray(values, dtype=np.float32))
 
     # -- writing --------------------------------------------------------------------------------------------------
-    def validate(self, indices: np.ndarray, logits: torch.Tensor) -> None:
-        """Raise ValueError (before anything is stored) for wrong shapes, non-finite values or re-used indices."""
+    def validate(self, indices: np.ndarray, logits: torch.Tensor, features: dict | None = None) -> dict:
+        """Raise ValueError (before anything is stored) for wrong shapes, non-finite values or re-used indices;
+        return the features as checked float32 tensors (:func:`~lightning_kd.cache.spec.as_features`)."""
         n, c = len(indices), self.spec.num_classes
         if logits.ndim != 2 or logits.shape != (n, c):
             raise ValueError(
@@ -299,33 +325,32 @@ class TeacherCache:
             raise ValueError("no outputs to write")
         if len(np.unique(indices)) != n:
             raise ValueError("duplicate dataset indices in one write")
+        return as_features(self.spec, n, features) if self.spec.features or features else {}
 
-    def append(self, writer: str, token: str, indices: np.ndarray, logits: torch.Tensor) -> dict:
-        """Make one batch of outputs durable in ``writer``'s segment (before the next teacher call).
+    def append(self, writer: str, token: str, indices: np.ndarray, logits: torch.Tensor,
+               features: dict | None = None) -> dict:
+        """Make one batch of outputs (logits, and the spec's teacher features) durable in ``writer``'s segment
+        (before the next teacher call).
 
         Returns where it lies (``{"seg", "offset"}``, for the ledger's commit record). The lookup is not
         extended: call :meth:`refresh` to serve what was appended.
         """
         idx = np.asarray(indices, dtype=np.int64)
         logits = as_logits(logits)
-        self.validate(idx, logits)
-        if self.spec.dtype == "topk":
-            values, topi = encode_topk(logits, self.spec.topk)
-        else:
-            values, topi = logits.numpy().astype(self.spec.dtype), None
+        values, topi = encode_rows(self.spec, logits, self.validate(idx, logits, features))
         path = self.segments_dir / f"{writer}.seg"
         block = fmt.encode_block(token, idx, values, topi)
-        offset = fmt.append(path, block, fmt.file_header(asdict(self.spec), writer))
+        offset = fmt.append(path, block, fmt.file_header(self.spec.to_dict(), writer))
         return {"seg": path.name, "offset": offset}
 
-    def write(self, indices: np.ndarray | torch.Tensor, logits: torch.Tensor) -> str:
+    def write(self, indices: np.ndarray | torch.Tensor, logits: torch.Tensor, features: dict | None = None) -> str:
         """Store outputs obtained outside a budgeted fill: recorded in the ledger as paid, then served."""
         idx = np.asarray(indices, dtype=np.int64)
         present = idx[self.contains(idx)]
         if len(present):
             raise ValueError(f"dataset indices {present[:10].tolist()} already have cached outputs; they are never "
                              "overwritten")
-        self.validate(idx, as_logits(logits))
+        self.validate(idx, as_logits(logits), features)
         self._writer = getattr(self, "_writer", None) or new_writer_name()  # one segment file per cache object
         writer, token = self._writer, uuid.uuid4().hex[:12]
         with self.lock:
@@ -333,7 +358,7 @@ class TeacherCache:
             self.ledger.append("reserve", id=token, writer=writer, n=len(idx), idx=encode_indices(idx),
                                used=self.ledger.used + len(idx))
             try:
-                where = self.append(writer, token, idx, logits)
+                where = self.append(writer, token, idx, logits, features)
             except BaseException:
                 self.ledger.append("lost", id=token, why="the write failed")
                 raise

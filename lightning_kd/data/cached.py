@@ -4,8 +4,9 @@ It chooses exactly ``budget`` training samples (seeded, nested: a larger budget'
 one's), runs the teacher once on each sample that has no cached output yet (one fixed augmented view, as the
 official CKD code does, or the clean image), commits the outputs to a :class:`~lightning_kd.cache.TeacherCache`,
 and then serves training batches ``{"index", "input", "target", "teacher_logits"}`` with a fresh augmentation of
-``input`` at every step. Validation (``val_fraction``: the official 80/20 split, drawn from the unchosen training
-samples) and test batches carry labels only and never cost a teacher call.
+``input`` at every step (with ``teacher_features``, the same call also records named teacher layers' outputs,
+stored beside the logits and served as ``teacher_features``). Validation (``val_fraction``: the official 80/20
+split, drawn from the unchosen training samples) and test batches carry labels only and never cost a teacher call.
 
 With ``rounds=R > 1`` the budget is bought in R shares (:mod:`lightning_kd.data.rounds`): a class-balanced
 random one before training, then one at each round's first epoch, chosen by a selection strategy
@@ -38,18 +39,18 @@ from lightning_kd.data.plan import (
     check_plan,
     open_cache,
     purchase_order,
-    resolve_teacher,
     spend_text,
 )
 from lightning_kd.data.rounds import RoundSchedule, RoundsMixin
 from lightning_kd.data.selection import select_samples
 from lightning_kd.data.serving import CachedOutputs, CachedTuples
+from lightning_kd.data.teacher_side import TeacherSideMixin
 from lightning_kd.data.tuples import sample_tuples, split_sides
 from lightning_kd.selection import SelectionStrategy, create_strategy
 from lightning_kd.teachers import Teacher, teacher_fingerprint
 
 
-class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
+class CachedTeacherDataModule(TeacherSideMixin, RoundsMixin, IndexedDataModule):
     """Wraps an :class:`IndexedDataModule`; trains on ``budget`` samples with cached teacher outputs.
 
     Args:
@@ -77,6 +78,13 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
         view: "augmented" (one fixed random crop + flip per sample, derived from ``seed``) or "clean".
         val_fraction: labelled validation samples = budget·f/(1−f), from the unchosen training samples.
         dtype / topk: cache storage ("float32", "float16", or "topk" with ``topk`` classes kept).
+        teacher_features: ``{name: teacher layer (module path)}``: record these layers' outputs (forward hooks) in
+            the same teacher call as the logits, store them with the logits in ``feature_dtype`` ("float16" or
+            "float32"; names, layers, shapes and dtype are part of the cache's identity) and serve them as
+            ``batch["teacher_features"][name]``. The teacher must be a local
+            module whose layers run as modules (not a remote endpoint, TorchScript or ``.pt2`` program).
+        serve_teacher_view: also serve ``batch["teacher_view"]``: the input the teacher saw (its fixed view), in
+            the student's normalization, beside the student's fresh ``input``.
         teacher_normalize: give the teacher normalized inputs (False: RGB in [0, 1], the shared teacher's
             contract; the student always gets normalized inputs).
         fill_batch_size: samples per teacher call; each returned batch is durable before the next call.
@@ -101,6 +109,9 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
         seed: int = 0,
         dtype: Literal["float32", "float16", "topk"] = "float32",
         topk: int | None = None,
+        teacher_features: dict[str, str] | None = None,
+        feature_dtype: Literal["float16", "float32"] = "float16",
+        serve_teacher_view: bool = False,
         teacher_normalize: bool = False,
         fill_batch_size: int = 500,
         group_size: int = 1,
@@ -130,6 +141,9 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
             seed=seed,
             dtype=dtype,
             topk=topk,
+            teacher_features=dict(teacher_features or {}),
+            feature_dtype=feature_dtype,
+            serve_teacher_view=serve_teacher_view,
             teacher_normalize=teacher_normalize,
             fill_batch_size=fill_batch_size,
             group_size=group_size,
@@ -161,6 +175,8 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
                              "first round to train the student on: set rounds >= 2")
         if view not in ("augmented", "clean"):
             raise ValueError(f"view must be 'augmented' or 'clean', got {view!r}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.h.teacher_features.items()):
+            raise ValueError(f"teacher_features maps names to teacher layers (module paths), got {teacher_features!r}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.datamodule = datamodule
@@ -168,7 +184,8 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
         self.num_classes = datamodule.num_classes
         self.cache: TeacherCache | None = None
         self.budget_state: TeacherBudget | None = None
-        self.teacher: Teacher | None = None  # the resolved teacher, once the fill ran
+        self.teacher: Teacher | None = None  # the resolved teacher (a FeatureTeacher with teacher_features)
+        self._features = None  # feature_specs, once known
         self.new_teacher_calls = 0  # samples this run (all its ranks) sent to the teacher
         self.round = 0  # the last round bought
         self.round_log: list[dict] = []  # per round: samples chosen, bought, scoring seconds, replayed or not
@@ -197,7 +214,7 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
         if h.budget > len(pool):
             raise ValueError(f"budget {h.budget} exceeds the {len(pool)} training samples available")
         if self.strategy is None:  # train on what was paid for: no teacher call
-            held = self._open_cache(resolve_teacher(self.teacher_spec)).indices
+            held = self._open_cache(self._resolve_teacher()).indices
             self.selected = np.intersect1d(held, pool)
             if not len(self.selected):
                 raise ValueError("selection='cached' but the teacher cache holds no outputs for this training pool")
@@ -213,7 +230,8 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
     def _open_cache(self, teacher: Teacher) -> TeacherCache:
         h = self.h
         spec = CacheSpec(teacher=teacher_fingerprint(teacher), dataset=self.datamodule.fingerprint(),
-                         view=self.view_protocol, num_classes=self.num_classes, dtype=h.dtype, topk=h.topk)
+                         view=self.view_protocol, num_classes=self.num_classes, dtype=h.dtype, topk=h.topk,
+                         features=self.feature_specs, feature_dtype=h.feature_dtype if h.teacher_features else None)
         return open_cache(spec, h.cache_dir, self.datamodule)
 
     # -- Lightning hooks -------------------------------------------------------------------------------------------
@@ -236,13 +254,13 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
             return
         self.setup("fit")
         rank, _ = rank_world()
-        teacher = resolve_teacher(self.teacher_spec)
+        teacher = self._resolve_teacher()
         cache = self._open_cache(teacher) if rank == 0 else None
         barrier()  # rank 0 created the manifest; the others open it now
         cache = cache or self._open_cache(teacher)
         budget = TeacherBudget(self.h.budget, cache.directory)
         budget.load_state_dict(self._checkpoint_budget or budget_in_checkpoint(self.trainer, type(self).__qualname__))
-        self.cache, self.budget_state, self.teacher = cache, budget, teacher
+        self.cache, self.budget_state = cache, budget
         self._buy()
 
     @property
@@ -368,14 +386,13 @@ class CachedTeacherDataModule(RoundsMixin, IndexedDataModule):
     def train_dataset(self) -> Dataset:
         self.fill()
         h, dm = self.h, self.datamodule
-        if h.matched_views:  # the teacher's own crops, in the student's normalization
-            items = KeyedViews(self.train_keys, self.stride, seed=h.seed,
-                               make=lambda idx, seed: dm.make_dataset(idx, "fixed", seed=seed))
+        if h.matched_views:
+            items = self.teacher_views()
         elif h.views_per_sample > 1:  # fresh augmentations; each item's outputs are those of one teacher view
             items = KeyedViews(self.train_keys, self.stride, seed=h.seed, make=lambda idx, _: dm.make_dataset(idx, "train"))
         else:
             items = dm.make_dataset(self.train_indices, "train")
-        train = CachedOutputs(items, self.cache)
+        train = CachedOutputs(items, self.cache, self.teacher_views() if h.serve_teacher_view else None)
         if h.group_size == 1:
             return train
         return CachedTuples(train, sample_tuples(len(self.train_keys), h.group_size, h.max_tuples, h.seed))

@@ -8,8 +8,9 @@ Each batch goes through the same steps, whatever the teacher and however many pr
 2. **call** — the teacher runs (``teacher.query(x, key=...)`` when it has one: the key is the same on every
    attempt at the batch); a failure known to be unprocessed releases the reservation, any other stays counted
    as lost; ``teacher.retry`` retries, a possibly paid retry with budget of its own;
-3. **store** — valid outputs are appended to this writer's segment and fsynced before the next call, then
-   committed in the ledger: a hard kill loses at most the batches in flight.
+3. **store** — valid outputs (logits; with a :class:`~lightning_kd.teachers.features.FeatureTeacher`, also the
+   features its hooks recorded in the same call) are appended to this writer's segment and fsynced before the
+   next call, then committed in the ledger: a hard kill loses at most the batches in flight.
 
 With ``teacher.max_in_flight > 1`` that many batches are in flight at once (threads), hiding a remote teacher's
 latency; each thread calls ``teacher.close()`` (when there is one) as it ends. Samples claimed by another live
@@ -128,12 +129,13 @@ class _Fill:
                     idx, x, key = now, self.load(now), _batch_key(self.spec_id, now)
         self.calls += len(idx)
         try:
+            out, features = out if isinstance(out, tuple) else (out, None)  # a FeatureTeacher: (logits, features)
             logits = as_logits(out)
             if logits.ndim != 2 or logits.shape[1] != self.cache.spec.num_classes:
                 raise ValueError(f"the teacher returned outputs of shape {tuple(logits.shape)}: "
                                  f"{logits.shape[-1]} classes, but the dataset has {self.cache.spec.num_classes}")
             with self.write_lock:
-                where = self.cache.append(self.budget.writer, token, idx, logits)
+                where = self.cache.append(self.budget.writer, token, idx, logits, features)
         except BaseException as err:
             self.budget.lose(token, why=f"outputs not stored: {type(err).__name__}: {err}"[:300])
             raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import warnings
@@ -19,14 +18,23 @@ from lightning_kd.data.cifar import default_cache_dir, default_data_dir
 from lightning_kd.teachers import Teacher, load_teacher
 
 
+def _in_data_dir(path: str | Path) -> Path:
+    """``path``, or the data folder's file of that name when ``path`` is relative and does not exist here."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and (default_data_dir() / path).exists():
+        return default_data_dir() / path
+    return path
+
+
 def resolve_teacher(teacher: str | dict | Teacher) -> Teacher:
-    """Load a teacher spec; a relative file path that does not exist is also looked up in the data folder."""
+    """Load a teacher spec; a relative file path (a file, or a spec's ``weights``) that does not exist is also
+    looked up in the data folder."""
     if isinstance(teacher, str | Path):
-        path = Path(teacher)
-        if not path.exists() and not path.is_absolute() and (default_data_dir() / path).exists():
-            path = default_data_dir() / path
-        return load_teacher(path)
-    if isinstance(teacher, dict) or isinstance(teacher, nn.Module):
+        return load_teacher(_in_data_dir(teacher))
+    if isinstance(teacher, dict):
+        return load_teacher({**teacher, "weights": _in_data_dir(teacher["weights"])} if "weights" in teacher
+                            else teacher)
+    if isinstance(teacher, nn.Module):
         return load_teacher(teacher)
     if callable(teacher):
         return teacher
@@ -96,7 +104,7 @@ def open_cache(spec: CacheSpec, cache_dir: str | None, datamodule) -> TeacherCac
                 "the old data and are kept; start a new cache for the new data with another cache_dir (or "
                 f"none: a directory per dataset fingerprint), or restore the old data. ({err})"
             ) from None
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     return TeacherCache(default_cache_dir() / "teacher_outputs" / key, spec)
 
 

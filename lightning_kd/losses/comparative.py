@@ -38,6 +38,15 @@ def combine_sides(
     raise ValueError(f"unknown combine {combine!r}; expected 'difference', 'average' or 'mixup'")
 
 
+def compare_sides(x: torch.Tensor, combine: Combine = "difference", lam: float | None = None) -> torch.Tensor:
+    """Tuples (B, k, ...) -> (B, ...): the positive side's mean (members ``[:p]``, p = k − ⌊k/2⌋) combined with the
+    negative side's (``[p:]``) by :func:`combine_sides` — how CKD compares features (official ``avg_feat_dif``)."""
+    if x.dim() < 2 or x.shape[1] < 2:
+        raise ValueError(f"compare_sides needs tuples (B, k, ...) with k >= 2, got shape {tuple(x.shape)}")
+    p = x.shape[1] - x.shape[1] // 2
+    return combine_sides(x[:, :p].mean(dim=1), x[:, p:].mean(dim=1), combine, lam)
+
+
 def _group_label_mean(target: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
     """Mean one-hot of each row of ``target`` (B, k) -> (B, C): class c gets (#members of class c) / k."""
     out = torch.zeros(target.shape[0], num_classes, dtype=dtype, device=target.device)

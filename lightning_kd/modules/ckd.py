@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.comparative import in_batch_comparative_loss, tuple_comparative_loss
+from lightning_kd.losses.comparative import compare_sides, in_batch_comparative_loss, tuple_comparative_loss
 from lightning_kd.modules.base import StudentModule
+from lightning_kd.modules.features import FEATURE_WEIGHTS, FeatureDistillationMixin, FeatureLoss
 
 
-class ComparativeDistillation(StudentModule):
+class ComparativeDistillation(FeatureDistillationMixin, StudentModule):
     """The student learns from differences between the cached teacher outputs of samples in a group.
 
     ``pairing="tuples"`` (the official method): batches of pre-sampled tuples (B, k, ...) from
@@ -25,6 +27,12 @@ class ComparativeDistillation(StudentModule):
     once per batch, ``ckd_mixup``) in place of the difference a − b. ``pairing="in_batch"``
     compares all pairs i < j of a plain batch (``group_size = 1``) with D = MSE: cheaper, not the paper's
     sampling. Every member is freshly augmented; the teacher is never called.
+
+    ``feature_loss`` (the official ``ckd_inter``): adds w_feat · F(Δf_S, Δf_T), the FitNet hint, VID or CC loss
+    (:class:`~lightning_kd.modules.features.FeatureHead`) between the combined sides of the student layers
+    ``student_features`` and of the cached teacher features of the same names (Δf = mean_P f − mean_N f, or as
+    ``combine`` says). ``w_feat`` defaults to the official weights: 100 (hint), 1 (VID), 0.02 (CC);
+    ``feature_view``: see :class:`~lightning_kd.modules.features.FeatureDistillationMixin`.
     """
 
     def __init__(
@@ -35,9 +43,20 @@ class ComparativeDistillation(StudentModule):
         w_cls: float = 1.0,
         pairing: Literal["tuples", "in_batch"] = "tuples",
         combine: Literal["difference", "average", "mixup"] = "difference",
+        feature_loss: FeatureLoss | None = None,
+        student_features: Mapping[str, str] | None = None,
+        w_feat: float | None = None,
+        feature_dim: int = 128,
+        feature_view: Literal["student", "teacher"] = "student",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if feature_loss is not None and feature_loss not in FEATURE_WEIGHTS:
+            raise ValueError(f"feature_loss must be one of {', '.join(FEATURE_WEIGHTS)} or None; got {feature_loss!r}")
+        if feature_loss is not None and pairing != "tuples":
+            raise ValueError("feature_loss compares the sides of CKD tuples: it needs pairing='tuples'")
+        self._init_features(feature_loss, student_features, feature_view)
+        self.w_feat = w_feat if w_feat is not None else FEATURE_WEIGHTS.get(feature_loss)
         if pairing not in ("tuples", "in_batch"):
             raise ValueError(f"pairing must be 'tuples' or 'in_batch', got {pairing!r}")
         if combine not in ("difference", "average", "mixup"):
@@ -64,7 +83,12 @@ class ComparativeDistillation(StudentModule):
                 "set group_size: 2 or 3 in CachedTeacherDataModule"
             )
         b, k = x.shape[:2]
-        z_s = self(x.flatten(0, 1)).view(b, k, -1)
+        lam = float(torch.rand(())) if h.combine == "mixup" else None  # Beta(1, 1) is uniform on [0, 1]
+        if h.feature_loss is None:
+            z_s = self(x.flatten(0, 1)).view(b, k, -1)
+        else:
+            z_s, feats = self.student_pass(x.flatten(0, 1), batch)
+            z_s = z_s.view(b, k, -1)
         loss = tuple_comparative_loss(  # members [:p] positive, [p:] negative, p = k - k // 2
             z_s,
             z_t,
@@ -74,7 +98,11 @@ class ComparativeDistillation(StudentModule):
             w_rel=h.w_rel,
             w_cls=h.w_cls,
             combine=h.combine,
-            lam=float(torch.rand(())) if h.combine == "mixup" else None,  # Beta(1, 1) is uniform on [0, 1]
+            lam=lam,
         )
+        if h.feature_loss is not None:
+            student = {n: compare_sides(f.view(b, k, *f.shape[1:]), h.combine, lam) for n, f in feats.items()}
+            teacher = {n: compare_sides(batch["teacher_features"][n], h.combine, lam) for n in student}
+            loss = loss + self.w_feat * self.feature_term(student, teacher)
         self.log_train(loss, z_s.flatten(0, 1), y.flatten())
         return loss

@@ -1,7 +1,9 @@
-"""Distillation from cached teacher outputs: Hinton KD and the few-teacher-inference baselines of CKD."""
+"""Distillation from cached teacher outputs: Hinton KD and the few-teacher-inference baselines of CKD (logit-level,
+and the white-box ones on cached teacher features)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -20,12 +22,13 @@ from lightning_kd.losses import (
 )
 from lightning_kd.modules.base import StudentModule
 from lightning_kd.modules.contrast import ContrastHead
+from lightning_kd.modules.features import FEATURE_LOSSES, FEATURE_WEIGHTS, FeatureDistillationMixin
 
-Method = Literal["kd", "mixup", "cutmix", "rkd", "dist", "crd"]
-METHODS = ("kd", "mixup", "cutmix", "rkd", "dist", "crd")
+Method = Literal["kd", "mixup", "cutmix", "rkd", "dist", "crd", "hint", "vid", "cc"]
+METHODS = ("kd", "mixup", "cutmix", "rkd", "dist", "crd", *FEATURE_LOSSES)
 
 
-class KnowledgeDistillation(StudentModule):
+class KnowledgeDistillation(FeatureDistillationMixin, StudentModule):
     """Distill from ``batch["teacher_logits"]`` (read from the cache: training never calls the teacher).
 
     ``method``:
@@ -38,6 +41,11 @@ class KnowledgeDistillation(StudentModule):
     - ``"crd"`` (Tian et al. 2020) on logits, as the official CKD baseline: L = CE + T²·KL + w_rel·CRD, with
       :class:`~lightning_kd.modules.contrast.ContrastHead` (embeddings to ``crd_dim``, memory banks over the
       DataModule's selected samples, ``crd_negatives`` other-class negatives, NCE at ``crd_temperature``).
+    - ``"hint"`` / ``"vid"`` / ``"cc"`` (the official CKD code's white-box baselines): L = CE + T²·KL + w_feat·F,
+      F the FitNet hint, VID or CC loss between the student layers ``student_features`` and the cached teacher
+      features of the same names (:class:`~lightning_kd.modules.features.FeatureHead`; ``feature_view``: see
+      :class:`~lightning_kd.modules.features.FeatureDistillationMixin`). ``w_feat`` defaults to the official
+      weights: 100 (hint), 1 (VID), 0.02 (CC); ``feature_dim``: CC's embedding size.
 
     ``w_rel`` defaults to the official CKD baselines' weights: 2 for DIST, 0.8 for CRD, 1 otherwise.
     """
@@ -53,17 +61,25 @@ class KnowledgeDistillation(StudentModule):
         crd_negatives: int = 16384,
         crd_temperature: float = 0.07,
         crd_momentum: float = 0.5,
+        student_features: Mapping[str, str] | None = None,
+        w_feat: float | None = None,
+        feature_dim: int = 128,
+        feature_view: Literal["student", "teacher"] = "student",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
         self.w_rel = w_rel if w_rel is not None else {"dist": 2.0, "crd": 0.8}.get(method, 1.0)
+        self._init_features(method if method in FEATURE_LOSSES else None, student_features, feature_view)
+        self.w_feat = w_feat if w_feat is not None else FEATURE_WEIGHTS.get(method)
         self.contrast: ContrastHead | None = None  # CRD: built in setup(), once the training samples are known
         self._beta = torch.distributions.Beta(mix_alpha, mix_alpha)
 
     def setup(self, stage: str) -> None:
-        """CRD: memory banks over the samples the DataModule selected (known after its setup, before training)."""
+        """Feature methods: the head; CRD: memory banks over the samples the DataModule selected (known after its
+        setup, before training)."""
+        super().setup(stage)
         if self.hparams.method != "crd" or self.contrast is not None:
             return
         dm = self.trainer.datamodule if self.trainer is not None else None
@@ -97,6 +113,10 @@ class KnowledgeDistillation(StudentModule):
             loss = soft_cross_entropy(logits, mix_targets(onehot, onehot[perm], lam)) + self.w_rel * soft_cross_entropy(
                 logits, mix_targets(p_t, p_t[perm], lam)
             )
+        elif h.method in FEATURE_LOSSES:
+            logits, feats = self.student_pass(x, batch)
+            feature = self.feature_term(feats, batch["teacher_features"])
+            loss = F.cross_entropy(logits, y) + kd_loss(logits, z_t, h.temperature) + self.w_feat * feature
         else:
             logits = self(x)
             if h.method == "kd":
