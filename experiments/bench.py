@@ -140,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-samples", type=int, default=2000, help="images per data-path measurement")
     p.add_argument("--data-batch", type=int, default=250)
     p.add_argument("--data-workers", type=int, default=2)
+    p.add_argument("--data-repeats", type=int, default=15, help="interleaved repeats of each data-path measurement")
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--gather-batch", type=int, default=256)
     p.add_argument("--gather-warmup", type=int, default=50)
@@ -205,9 +206,10 @@ def run(args: argparse.Namespace) -> dict:
         result["remote"] = bench_remote(max(args.threads, 1), args.remote_samples, args.remote_batch)
         section_s["remote"] = time.perf_counter() - clock - sum(section_s.values())
     if not args.skip_data:
-        print(f"[data] ImageFolder data paths, {args.data_samples} images, {args.data_workers} workers", flush=True)
+        print(f"[data] ImageFolder data paths, {args.data_samples} images, {args.data_workers} workers, "
+              f"{args.data_repeats} interleaved repeats", flush=True)
         result["data"] = bench_data(samples=args.data_samples, batch_size=args.data_batch,
-                                    num_workers=args.data_workers)
+                                    num_workers=args.data_workers, repeats=args.data_repeats)
         ratio_summaries["data_fill_vs_plain_loader"] = result["data"]["fill"]["ratio"]
         ratio_summaries["data_train_vs_plain_loader"] = result["data"]["train"]["ratio"]
         section_s["data"] = time.perf_counter() - clock - sum(section_s.values())

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 REQUIRED = {
     "ratios": ["cached_kd_step", "ckd_step_per_image", "online_kd_step", "gpd_step_vs_parts", "cache_fill_vs_teacher",
-               "loop_vs_plain"],
+               "loop_vs_plain", "data_fill_vs_plain_loader", "data_train_vs_plain_loader"],
     "scale": [
         "gather_ms_batch256_fp16", "gather_ms_batch256_topk", "disk_gb_fp16", "disk_gb_topk", "train_rss_gb",
         "build_s_fp16", "build_s_topk", "compact_s_fp16", "open_s_fp16",
@@ -44,7 +44,7 @@ def test_bench_runs_at_tiny_sizes_and_reports_every_number(tmp_path, data_dir):
         "--fill-samples", "48", "--fill-batch-size", "16", "--fill-repeats", "2",
         "--gathers", "10", "--gather-warmup", "2", "--rss-gathers", "10",
         "--extract-input", "32", "--extract-repeats", "1", "--remote-samples", "40", "--remote-batch", "20",
-        "--data-samples", "40", "--data-batch", "20", "--data-workers", "0",
+        "--data-samples", "40", "--data-batch", "20", "--data-workers", "0", "--data-repeats", "2",
         "--loop-epochs", "1", "--loop-repeats", "1", "--loop-warmup", "0", "--loop-budget", "128",
         "--loop-test-batches", "1", "--loop-cache-dir", str(tmp_path / "loop-cache"),
         "--json", str(json_path), "--md", str(md_path),
@@ -70,6 +70,6 @@ def test_bench_runs_at_tiny_sizes_and_reports_every_number(tmp_path, data_dir):
 
     table = md_path.read_text()
     for label in ("cached-KD step", "CKD step per image", "GPD step", "fill_cache", "gather batch 256", "extract_student",
-                  "KD training run", "Training loop"):
+                  "KD training run", "Training loop", "Data paths"):
         assert label in table
     assert "✓" in table or "✗" in table

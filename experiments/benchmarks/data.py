@@ -7,11 +7,14 @@ plain torchvision ``DataLoader(ImageFolder(root, transform=...))`` with the same
 * train: one epoch of ``CachedTeacherDataModule.train_dataloader()`` (the student's augmentation + cached
   outputs) vs the plain loader with the student's transform (shuffled, persistent workers, both warmed up).
 
-Goal: both ratios >= 0.9. ``run(...)`` returns the result as a dict.
+Goal: both ratios >= 0.9 (wall time, interleaved). Under ``cpu``: the same ratios in CPU seconds of the process and
+its DataLoader workers (Linux), steadier than wall time on a shared machine. ``run(...)`` returns the result as a dict.
 """
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,6 +37,37 @@ class FreeTeacher:
         return torch.zeros(len(x), 10)
 
 
+def _worker_cpu_s(loader) -> float:
+    """CPU seconds so far of a persistent-worker loader's live worker processes (Linux /proc; 0 elsewhere)."""
+    total = 0
+    for w in getattr(getattr(loader, "_iterator", None), "_workers", []):
+        try:
+            fields = Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(*loaders) -> float:
+    """CPU seconds of this process, its finished children (the fill's and a plain loader's joined workers) and the
+    live workers of ``loaders``."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+            + sum(_worker_cpu_s(loader) for loader in loaders))
+
+
+def _with_cpu(fns: dict, cpu: dict, *loaders) -> dict:
+    """``fns`` that also append their CPU seconds (see :func:`_cpu_s`) to ``cpu[name]``."""
+    def timed(name, fn):
+        def call():
+            c0 = _cpu_s(*loaders)
+            fn()
+            cpu.setdefault(name, []).append(_cpu_s(*loaders) - c0)
+        return call
+    return {name: timed(name, fn) for name, fn in fns.items()}
+
+
 def _random_folder(root: Path, n: int, size: int = 64) -> Path:
     from PIL import Image
 
@@ -52,7 +86,7 @@ def run(
     student_size: int = 64,
     teacher_size: int = 32,
     warmup: int = 1,
-    repeats: int = 3,
+    repeats: int = 15,
 ) -> dict:
     """Images/s (median, quartiles over ``repeats``) of both data paths and their ratio to the plain loader."""
     import torch
@@ -89,28 +123,34 @@ def run(
                               persistent_workers=persistent and num_workers > 0)
 
         plain_fill = plain(dm.teacher_transform, shuffle=False)
-        fill_times = time_interleaved({"fill": fill, "plain": lambda: sum(1 for _ in plain_fill)}, warmup, repeats,
-                                      prepare={"fill": fresh_cache})
+        fill_cpu: dict = {}
+        fill_times = time_interleaved(_with_cpu({"fill": fill, "plain": lambda: sum(1 for _ in plain_fill)}, fill_cpu),
+                                      warmup, repeats, prepare={"fill": fresh_cache})
 
         cached = CachedTeacherDataModule(dm, FreeTeacher(), budget=samples, cache_dir=str(tmp / "train-cache"),
                                          val_fraction=0, progress=False, fill_batch_size=batch_size)
         cached.setup()
         train_loader, plain_train = cached.train_dataloader(), plain(dm.train_transform, True, persistent=True)
-        train_times = time_interleaved({"train": lambda: sum(1 for _ in train_loader),
-                                        "plain": lambda: sum(1 for _ in plain_train)}, warmup, repeats)
+        train_cpu: dict = {}
+        train_times = time_interleaved(_with_cpu({"train": lambda: sum(1 for _ in train_loader),
+                                                  "plain": lambda: sum(1 for _ in plain_train)},
+                                                 train_cpu, train_loader, plain_train), warmup, repeats)
         n_train = len(train_loader) * batch_size
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def rates(times: dict, n: int, name: str) -> dict:
+    def rates(times: dict, cpu: dict, n: int, name: str) -> dict:
         ours, base = np.asarray(times[name]), np.asarray(times["plain"])
+        cpu_ours, cpu_base = (np.asarray(cpu[k][-len(ours):]) for k in (name, "plain"))  # the timed calls
         return {"images_per_s": summary(n / ours), "plain_images_per_s": summary(n / base),
-                "ratio": summary(base / ours)}
+                "ratio": summary(base / ours),
+                "cpu": {"s": summary(cpu_ours), "plain_s": summary(cpu_base), "ratio": summary(cpu_base / cpu_ours)}}
 
     return {
         "setup": {"root": str(root), "samples": samples, "batch_size": batch_size, "num_workers": num_workers,
                   "student_size": student_size, "teacher_size": teacher_size, "repeats": repeats,
-                  "torch_threads": torch.get_num_threads()},
-        "fill": rates(fill_times, samples, "fill"),
-        "train": rates(train_times, n_train, "train"),
+                  "torch_threads": torch.get_num_threads(),
+                  "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "fill": rates(fill_times, fill_cpu, samples, "fill"),
+        "train": rates(train_times, train_cpu, n_train, "train"),
     }

@@ -87,6 +87,27 @@ def _remote_rows(r: dict) -> list[str]:
     return rows
 
 
+def _data_rows(d: dict) -> list[str]:
+    """Section 7: images/s of the fill's and the training loop's data paths vs a plain DataLoader(ImageFolder)."""
+    c = d["setup"]
+    rows = ["", f"Data paths: {c['samples']} images of an ImageFolder ({c['teacher_size']}-px teacher view, "
+            f"{c['student_size']}-px student view), batch {c['batch_size']}, {c['num_workers']} workers, "
+            f"{c['repeats']} interleaved repeats; load average at the end {c.get('loadavg_end')}; CPU = process + "
+            "DataLoader workers (steadier than wall time on a shared machine); `experiments/benchmarks/data.py`", "",
+            "| data path | images/s | plain loader, images/s | / plain, wall (IQR) | / plain, CPU (IQR) | goal | |",
+            "|---|---|---|---|---|---|---|"]
+    for key, label, name in (("fill", "fill (seeded teacher view, claims, durable blocks)",
+                              "data_fill_vs_plain_loader"),
+                             ("train", "training (student view + cached outputs)", "data_train_vs_plain_loader")):
+        r = d[key]
+        x, goal = r["ratio"], _goal_cells(name, r["ratio"]["median"])
+        cpu = r["cpu"]["ratio"] if "cpu" in r else None
+        cpu_cell = f"{cpu['median']:.3f} ({cpu['q1']:.3f}–{cpu['q3']:.3f})" if cpu else ""
+        rows.append(f"| {label} | {r['images_per_s']['median']:.0f} | {r['plain_images_per_s']['median']:.0f} | "
+                    f"{x['median']:.3f} ({x['q1']:.3f}–{x['q3']:.3f}) | {cpu_cell} | {goal[0]} | {goal[1]} |")
+    return rows
+
+
 def _scale_rows(sc: dict) -> list[str]:
     if "skipped" in sc:
         return ["", f"Scale: skipped ({sc['skipped']})."]
@@ -172,6 +193,8 @@ def markdown(result: dict) -> str:
         lines += _scale_rows(result["scale"])
     if result.get("remote"):
         lines += _remote_rows(result["remote"])
+    if result.get("data"):
+        lines += _data_rows(result["data"])
     if result.get("loop"):
         lines += _loop_rows(result["loop"])
     lines += _timing_rows(result)

@@ -116,6 +116,41 @@ def test_the_teachers_fixed_view_is_reproducible_from_seed_and_index(folder, tmp
     assert np.array_equal(np.random.get_state()[1], np_state)
 
 
+class NumpyJitter:
+    """A pipeline step drawing from NumPy's global RNG (some pipelines do)."""
+
+    def __call__(self, x):
+        return x + float(np.random.uniform(-0.1, 0.1))
+
+    def __repr__(self) -> str:
+        return "NumpyJitter()"
+
+
+@pytest.mark.parametrize("seed", [0, 3, 2**40])  # 2**40: past the range of the batch's vectorized seeds
+def test_a_samples_fixed_view_does_not_depend_on_its_batch(folder, seed):
+    dm = data(folder, teacher_transform=v2.Compose([teacher_view(), NumpyJitter()]))
+    idx = np.arange(0, 40, 3)
+    views = dm.teacher_dataset(idx, "fixed", seed=seed)
+    whole = views.__getitems__(list(range(len(idx))))["input"]
+    for p in (0, 5, len(idx) - 1):
+        assert torch.equal(views[p]["input"], whole[p])  # alone (its own RNG save and restore)
+        assert torch.equal(views.__getitems__([p, 0])["input"][0], whole[p])  # in another batch, another position
+    assert not torch.equal(whole[0], whole[1])
+
+
+def test_the_batch_seeds_are_numpys_seed_sequence():
+    from lightning_kd.data import samples
+
+    idx = np.concatenate([[0, 1, 2**31, 2**32 - 1, 2**32, 2**40], np.random.default_rng(0).integers(0, 2**32, 300)])
+    assert samples._VECTORIZED_OK  # the vectorized pass reproduces this NumPy's SeedSequence (else batches fall back)
+    for seed in (0, 1, 12345, 2**32 - 1, 2**32):
+        want = [int(np.random.SeedSequence([seed, int(i)]).generate_state(1, np.uint64)[0]) for i in idx]
+        assert samples.sample_seeds(seed, idx) == want == [samples.sample_seed(seed, int(i)) for i in idx]
+        if seed < 2**32:  # seed and indices in [0, 2**32): the vectorized pass itself
+            assert samples._sample_seeds_vectorized(seed, idx[idx < 2**32]).tolist() == [
+                w for w, i in zip(want, idx) if i < 2**32]
+
+
 def test_the_student_view_is_fresh_at_every_fetch(folder):
     ds = data(folder).make_dataset(np.arange(8), "train")
     assert not torch.equal(ds.__getitems__(list(range(8)))["input"], ds.__getitems__(list(range(8)))["input"])
