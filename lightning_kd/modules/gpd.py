@@ -16,7 +16,7 @@ from lightning_kd.reparam import DynamicTeacher, expand
 
 
 def build_dynamic_teacher(
-    student: str,
+    student: str | torch.nn.Module,
     num_classes: int,
     ratio: float,
     branches: bool,
@@ -25,8 +25,10 @@ def build_dynamic_teacher(
     student_weights: str | None = None,
     input_size: tuple[int, int, int] = (3, 32, 32),
 ) -> DynamicTeacher:
-    """The zoo/timm ``student`` (optionally loaded from a state dict: fine-tune mode) widened by IR + CBR."""
-    net = create_model(student, num_classes=num_classes, **(model_kwargs or {}))
+    """The zoo/timm ``student`` (a name, or a model built from it; optionally loaded from a state dict: fine-tune
+    mode) widened by IR + CBR."""
+    net = student if isinstance(student, torch.nn.Module) else create_model(student, num_classes=num_classes,
+                                                                           **(model_kwargs or {}))
     if student_weights:
         net.load_state_dict(torch.load(student_weights, map_location="cpu", weights_only=True), strict=True)
     return expand(net, ratio, noise_std=noise_std, branches=branches, example_input=torch.randn(2, *input_size))
@@ -84,9 +86,10 @@ class GapPreservingDistillation(StudentModule):
         if combine not in ("difference", "average", "mixup"):
             raise ValueError(f"combine must be 'difference', 'average' or 'mixup', got {combine!r}")
         h = self.hparams
+        net = self.student  # built by StudentModule: under one seed, the same initial student as KD's or CE's
         del self.student  # the student lives inside the dynamic teacher, as a view of its parameters
         self.dynamic_teacher = build_dynamic_teacher(
-            h.student, h.num_classes, ratio, branches, noise_std, h.model_kwargs, student_weights, tuple(input_size)
+            net, h.num_classes, ratio, branches, noise_std, h.model_kwargs, student_weights, tuple(input_size)
         )
         self.val_dt_acc = MulticlassAccuracy(h.num_classes, average="micro")
 

@@ -2,6 +2,7 @@
 device mesh stands in for the one Lightning hands the module."""
 
 import pytest
+import torch
 
 from lightning_kd.modules import GapPreservingDistillation
 
@@ -46,3 +47,17 @@ def test_gpd_configure_model_is_a_no_op_without_a_device_mesh():
     model = GapPreservingDistillation(student="resnet8", ratio=2.0, branches=False)
     assert model.device_mesh is None
     model.configure_model()  # DDP, single device: nothing to shard
+
+
+def test_gpd_starts_from_the_student_that_kd_starts_from_under_one_seed():
+    """One seed, one initial student: GPD's dynamic teacher is built from the student StudentModule drew, not a
+    second draw, so equal-seed comparisons with KD / CE start from the same weights."""
+    from lightning_kd.modules import GapPreservingDistillation, KnowledgeDistillation
+    from lightning_kd.reparam import extract_student
+
+    torch.manual_seed(0)
+    kd = KnowledgeDistillation(student="resnet8")
+    torch.manual_seed(0)
+    gpd = GapPreservingDistillation(student="resnet8", noise_std=0.0)
+    start = extract_student(gpd.dynamic_teacher).state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in kd.student.state_dict().items())
