@@ -71,11 +71,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="override the protocol's epochs")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--accelerator", default="auto", help="as in sweep_budget.py: a GPU when there is one")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "select_budget")
     p.add_argument("--cache-root", type=Path, default=None, help="default: $LKD_CACHE_DIR/select_budget")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
-    cfg = dict(PROTOCOLS[args.protocol], protocol=args.protocol)
+    cfg = dict(PROTOCOLS[args.protocol], protocol=args.protocol, accelerator=args.accelerator)
     if args.epochs:
         cfg["epochs"] = args.epochs
     out = args.out / args.protocol

@@ -98,7 +98,7 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
     curve = ValCurve()
     trainer = L.Trainer(
         max_epochs=cfg["epochs"],
-        accelerator="cpu",
+        accelerator=cfg.get("accelerator", "cpu"),
         devices=1,
         logger=False,
         callbacks=[ckpt, curve],
@@ -122,6 +122,7 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
         "steps": trainer.global_step,
         "student": cfg["student"],
         "fit_seconds": round(fit_s, 1),
+        "device": str(trainer.strategy.root_device),
         "new_teacher_calls": dm.new_teacher_calls,
         "train_samples": len(dm.train_indices),
         "protocol": cfg,
@@ -200,11 +201,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="override the protocol's epochs")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (each with --threads threads)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator of every run: 'auto' takes a GPU "
+                   "when there is one (several workers then share it: resnet8 runs are small), else the CPU")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "budget_sweep")
     p.add_argument("--cache-root", type=Path, default=None, help="default: $LKD_CACHE_DIR/sweep_budget")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
-    cfg = dict(PROTOCOLS[args.protocol], protocol=args.protocol)
+    cfg = dict(PROTOCOLS[args.protocol], protocol=args.protocol, accelerator=args.accelerator)
     if args.epochs:
         cfg["epochs"] = args.epochs
     out = args.out / args.protocol

@@ -78,8 +78,12 @@ def check_plan(cache: TeacherCache, budget: TeacherBudget, selected: np.ndarray,
         budget.ledger.refresh()
         free = len(budget.free(selected[~cache.contains(selected)]))
     msg = (f"this run's selection leaves {len(unused)} paid teacher outputs in {cache.directory} unused"
-           + (f" (changed since they were bought: {', '.join(changed)})" if changed else "")
-           + f" and needs {n_missing} samples without outputs")
+           + (f" (changed since they were bought: {', '.join(changed)})" if changed else ""))
+    if not n_missing:  # e.g. a smaller budget: its nested selection is all paid for already
+        warnings.warn(msg + f"; it needs no new teacher call. selection='cached' trains on all {len(cache)} samples "
+                      "already paid for instead.", stacklevel=4)
+        return
+    msg += f" and needs {n_missing} samples without outputs"
     if free > budget.remaining:
         raise TeacherBudgetExceeded(
             msg + f", but only {budget.remaining} of the budget {budget.total} remain. Set selection='cached' to "

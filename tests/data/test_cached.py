@@ -289,6 +289,16 @@ def test_a_resume_whose_paid_outputs_were_all_lost_buys_what_the_budget_still_al
     assert (s.used, s.committed, s.lost) == (BUDGET, 200, 100)
 
 
+def test_a_smaller_budget_trains_on_its_nested_share_for_free_and_says_so(tmp_path):
+    make_datamodule(CountingTeacher(), tmp_path, BUDGET, fill_batch_size=100).fill()
+    teacher = CountingTeacher()
+    smaller = make_datamodule(teacher, tmp_path, 100, fill_batch_size=100)
+    with pytest.warns(UserWarning, match=r"leaves 200 paid teacher outputs .* unused \(changed since they were "
+                                         r"bought: budget 300 -> 100\); it needs no new teacher call"):
+        smaller.fill()
+    assert teacher.calls == 0 and len(smaller.train_indices) == 100
+
+
 @pytest.mark.parametrize("change", [{"selection": "class_balanced"}, {"seed": 5, "view": "clean"}])
 def test_a_changed_selection_that_would_leave_paid_outputs_unused_is_refused_naming_the_setting(tmp_path, change):
     base = {"view": change.get("view", "augmented")}
