@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_budget import ROOT, _datamodule  # noqa: E402  (the budget sweep's CachedTeacherDataModule settings)
+from sweep_budget import ROOT, _datamodule, _trainer  # noqa: E402  (the budget sweep's DataModule and Trainer)
 
 METHODS = ("gpd", "kd", "ce")
 CONFIG = ROOT / "experiments" / "cifar10" / "gpd_vit.yaml"
@@ -114,16 +114,7 @@ def run_one(method: str, budget: int, seed: int, epochs: int, vit: dict, out: Pa
     dm = _datamodule(budget, seed, 1, cache_root / f"seed{seed}", s["batch_size"])
     ckpt = ModelCheckpoint(dirpath=out / "ckpt" / name, monitor="val/acc", mode="max")
     log = EpochLog()
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        callbacks=[ckpt, log, *extra],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = _trainer(epochs, [ckpt, log, *extra])
     start = time.perf_counter()
     trainer.fit(model, dm)
     fit_s = time.perf_counter() - start

@@ -55,6 +55,14 @@ def _datamodule(budget: int, seed: int, group_size: int, cache_dir: Path, batch_
     )
 
 
+def _trainer(epochs: int, callbacks: list, accelerator: str = "cpu"):
+    """The experiments' Trainer: one device, no logger, no progress bar or summary, no sanity check."""
+    import lightning as L
+
+    return L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False, callbacks=callbacks,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+
+
 def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root: Path, threads: int,
             name: str | None = None, cache_dir: Path | None = None, **selection) -> dict:
     """Train and test one (budget, method, seed); returns and stores its result as ``<out>/runs/<name>.json``.
@@ -96,16 +104,7 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
                      cfg["batch_size"], **selection)
     ckpt = ModelCheckpoint(dirpath=out / "ckpt" / name, monitor="val/acc", mode="max")
     curve = ValCurve()
-    trainer = L.Trainer(
-        max_epochs=cfg["epochs"],
-        accelerator=cfg.get("accelerator", "cpu"),
-        devices=1,
-        logger=False,
-        callbacks=[ckpt, curve],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = _trainer(cfg["epochs"], [ckpt, curve], cfg.get("accelerator", "cpu"))
     start = time.perf_counter()
     trainer.fit(model, dm)
     fit_s = time.perf_counter() - start
