@@ -44,7 +44,8 @@ stays retryable. NaN/inf and the number of classes are checked where the outputs
 
 Identity: ``fingerprint`` is ``remote:<url>@<model_version>``. Without a configured ``model_version`` it is read,
 once and before the first paid call, from the ``version_header`` of the reply to a ``GET`` on ``url`` (that probe
-is not a prediction). Every prediction reply carrying the header is checked against it: outputs of another model
+is not a prediction); a configured version is checked against that same free ``GET`` before the first paid call,
+when the server announces one. Every prediction reply carrying the header is checked too: outputs of another model
 version are refused, never stored under this one's identity.
 """
 
@@ -267,11 +268,12 @@ class RemoteTeacher:
     def _init_local_state(self) -> None:
         self._local = threading.local()
         self._version_lock = threading.Lock()
+        self._announced_checked = False  # per process: the free GET check before the first paid call
 
     def __getstate__(self) -> dict:
         """Picklable (e.g. for spawned DDP workers): connections and locks are per process, made afresh."""
         state = self.__dict__.copy()
-        del state["_local"], state["_version_lock"]
+        del state["_local"], state["_version_lock"], state["_announced_checked"]
         state["_throttle"] = (self._throttle.rps, self._throttle.sps)
         return state
 
@@ -291,6 +293,7 @@ class RemoteTeacher:
             with self._version_lock:
                 if self._model_version is None:
                     self._model_version = self._probe_version()
+                    self._announced_checked = True  # the probe was that check
         return self._model_version
 
     @property
@@ -307,6 +310,7 @@ class RemoteTeacher:
         Raises :class:`TeacherCallError` as tabled in :mod:`lightning_kd.teachers.remote`. Thread-safe.
         """
         version = self.model_version
+        self._check_announced_version(version)
         n = len(inputs)
         try:
             body, content_type = self.codec.encode(inputs.detach().cpu())
@@ -395,6 +399,29 @@ class RemoteTeacher:
             retryable=retryable,
             retry_after=retry_after,
         )
+
+    def _check_announced_version(self, version: str) -> None:
+        """Once per process, before the first paid call: a server that announces another model version on a (free)
+        ``GET`` is refused before anything is paid. A server that announces none, or refuses the ``GET``, is
+        checked on every prediction reply instead (by then the call is paid)."""
+        if self._announced_checked:
+            return
+        with self._version_lock:
+            if self._announced_checked:
+                return
+            try:
+                served = self._request("GET", None, dict(self.headers))[0].getheader(self.version_header)
+            except TeacherCallError:
+                served = None
+            if served is not None and served != version:
+                raise TeacherCallError(
+                    f"{self.url} announces model version {served!r} ({self.version_header}), but this teacher is "
+                    f"{version!r}: refused before any paid call (set model_version, or point at that model's "
+                    "endpoint)",
+                    processed=False,
+                    retryable=False,
+                )
+            self._announced_checked = True
 
     def _probe_version(self) -> str:
         """The version the server announces in ``version_header`` on a GET (free: no prediction is asked for)."""

@@ -305,6 +305,16 @@ def test_model_version_change_mid_run_is_refused(server, count_file):
         remote(server.url, model_version="v0").query(x, key="c")  # a configured version is checked too
 
 
+def test_a_configured_version_the_server_does_not_announce_is_refused_before_any_paid_call(count_file):
+    with start_server(count_file=count_file, model_version="v2") as srv:
+        teacher = remote(srv.url, model_version="v1")
+        with pytest.raises(TeacherCallError, match="announces model version 'v2'.*'v1': refused before any paid call"
+                           ) as err:
+            teacher.query(batch(), key="a")
+        assert (err.value.processed, err.value.retryable) == (False, False)
+        assert srv.state.requests == 0 and read_count(count_file) == 0  # nothing was predicted, nothing paid
+
+
 def test_pickled_teacher_queries(server):
     teacher = remote(server.url)
     teacher.query(batch(), key="a")  # opens a connection and probes the version: neither travels

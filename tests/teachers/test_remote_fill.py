@@ -88,6 +88,17 @@ def test_nan_replies_are_never_stored_and_the_error_names_them(tmp_path):
     assert len(cache) == s.committed and np.isfinite(cache.get(cache.indices).numpy()).all()
 
 
+def test_a_fill_against_another_model_version_pays_nothing(tmp_path):
+    from lightning_kd.teachers import TeacherCallError
+
+    with start_server(count_file=tmp_path / "count", model_version="v2") as srv:
+        with pytest.raises(TeacherCallError, match="refused before any paid call"):
+            fill(srv.url, tmp_path / "cache")  # the teacher is configured as v1
+        assert read_count(tmp_path / "count") == 0
+    s = TeacherBudget(BUDGET, tmp_path / "cache").summary()
+    assert (s.used, s.lost, s.committed) == (0, 0, 0)
+
+
 def test_server_killed_mid_fill_and_restarted(tmp_path):
     """Requests in flight at the kill may have been processed: paid and lost. While the server is down, connection
     refused is known unprocessed: free and retried. The fill completes once it is back; nothing is paid twice."""
