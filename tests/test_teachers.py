@@ -130,7 +130,7 @@ def test_shared_state_dict_loads_by_name_as_a_module_whose_layers_can_be_hooked(
     teacher = resolve_teacher({"model": "resnet20_rgb", "num_classes": 10, "weights": f"{TEACHER}.state_dict.pt"})
     assert teacher.fingerprint == "sha256:" + _sha256(shared / f"{TEACHER}.state_dict.pt")
     x = test_batch["raw"]
-    with torch.no_grad(), capture(teacher.module, {"stage2": "net.layers.5", "pool": "net.pool"}) as found:
+    with torch.no_grad(), capture(teacher.module, {"stage2": "net.layer2", "pool": "net.avgpool"}) as found:
         out = teacher(x)
     assert torch.allclose(out, exported[0](x), atol=1e-5, rtol=0)
     assert found["stage2"].shape == (len(x), 32, 16, 16) and found["pool"].shape == (len(x), 64, 1, 1)

@@ -4,7 +4,7 @@ The shared ResNet-20 (its state dict as ``resnet20_rgb``, so that its layers can
 ``samples`` CIFAR-10 training images (the teacher's fixed views, raw RGB) through ``fill_cache`` with a
 ``TeacherBudget``, batch ``batch_size``, once per variant and repeat, interleaved (``time_interleaved``; creating
 the empty cache is not timed): logits only (float32), and logits + the features each official white-box method
-uses, stored in float16: hint (stage 2, ``net.layers.5``), VID (the three stage outputs), CC (the pooled
+uses, stored in float16: hint (stage 2, ``net.layer2``), VID (the three stage outputs), CC (the pooled
 penultimate feature). ``bytes_per_sample``: the live segment files' size over the samples (index, row, checksums,
 headers); ``row_bytes``: the stored row alone.
 
@@ -27,9 +27,9 @@ from benchmarks.common import ROOT, summary, time_interleaved  # noqa: E402
 
 VARIANTS = {
     "logits": {},
-    "hint": {"stage2": "net.layers.5"},
-    "vid": {"stage1": "net.layers.2", "stage2": "net.layers.5", "stage3": "net.layers.8"},
-    "cc": {"pool": "net.pool"},
+    "hint": {"stage2": "net.layer2"},
+    "vid": {"stage1": "net.layer1", "stage2": "net.layer2", "stage3": "net.layer3"},
+    "cc": {"pool": "net.avgpool"},
 }
 
 

@@ -165,6 +165,6 @@ def test_ckd_hint_config_parses_to_feature_ckd_on_the_shared_teachers_layer_2(ca
     assert cfg["model"]["class_path"] == "lightning_kd.modules.ComparativeDistillation"
     assert (m["feature_loss"], m["student_features"], m["feature_view"]) == ("hint", {"layer2": "layer2"}, "student")
     assert d["teacher"]["model"] == "resnet20_rgb" and d["group_size"] == 2
-    assert d["teacher_features"] == {"layer2": "net.layers.5"}
+    assert d["teacher_features"] == {"layer2": "net.layer2"}
     model = ComparativeDistillation(**m)
     assert model.w_feat == 100.0 and model.student_features == {"layer2": "layer2"}
