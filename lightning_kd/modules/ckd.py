@@ -55,8 +55,7 @@ class ComparativeDistillation(FeatureDistillationMixin, StudentModule):
             raise ValueError(f"feature_loss must be one of {', '.join(FEATURE_WEIGHTS)} or None; got {feature_loss!r}")
         if feature_loss is not None and pairing != "tuples":
             raise ValueError("feature_loss compares the sides of CKD tuples: it needs pairing='tuples'")
-        self._init_features(feature_loss, student_features, feature_view)
-        self.w_feat = w_feat if w_feat is not None else FEATURE_WEIGHTS.get(feature_loss)
+        self._init_features(feature_loss, student_features, feature_view, w_feat)
         if pairing not in ("tuples", "in_batch"):
             raise ValueError(f"pairing must be 'tuples' or 'in_batch', got {pairing!r}")
         if combine not in ("difference", "average", "mixup"):

@@ -20,8 +20,8 @@ from lightning_kd.losses import cc_loss, hint_loss, match_spatial, vid_loss
 from lightning_kd.models.hooks import capture, layer_shapes
 
 FeatureLoss = Literal["hint", "vid", "cc"]
-FEATURE_LOSSES = ("hint", "vid", "cc")
 FEATURE_WEIGHTS = {"hint": 100.0, "vid": 1.0, "cc": 0.02}  # the official ``w_inter_defaults``
+FEATURE_LOSSES = tuple(FEATURE_WEIGHTS)
 
 
 def hint_connector(student: tuple[int, ...], teacher: tuple[int, ...]) -> nn.Sequential:
@@ -108,13 +108,14 @@ class FeatureDistillationMixin:
     """
 
     def _init_features(self, loss: FeatureLoss | None, student_features: Mapping[str, str] | None,
-                       feature_view: str) -> None:
+                       feature_view: str, w_feat: float | None) -> None:
         if loss is not None and not student_features:
             raise ValueError(f"feature loss {loss!r} needs student_features={{name: student layer}}, one per cached "
                              "teacher feature it learns from")
         if feature_view not in ("student", "teacher"):
             raise ValueError(f"feature_view must be 'student' or 'teacher', got {feature_view!r}")
         self.feature_loss_name = loss
+        self.w_feat = w_feat if w_feat is not None else FEATURE_WEIGHTS.get(loss)  # default: the official weight
         self.student_features = dict(student_features or {})
         self.feature_head: FeatureHead | None = None
         self._head_shapes: dict[str, Any] | None = None

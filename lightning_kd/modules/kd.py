@@ -22,7 +22,7 @@ from lightning_kd.losses import (
 )
 from lightning_kd.modules.base import StudentModule
 from lightning_kd.modules.contrast import ContrastHead
-from lightning_kd.modules.features import FEATURE_LOSSES, FEATURE_WEIGHTS, FeatureDistillationMixin
+from lightning_kd.modules.features import FEATURE_LOSSES, FeatureDistillationMixin
 
 Method = Literal["kd", "mixup", "cutmix", "rkd", "dist", "crd", "hint", "vid", "cc"]
 METHODS = ("kd", "mixup", "cutmix", "rkd", "dist", "crd", *FEATURE_LOSSES)
@@ -71,8 +71,7 @@ class KnowledgeDistillation(FeatureDistillationMixin, StudentModule):
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
         self.w_rel = w_rel if w_rel is not None else {"dist": 2.0, "crd": 0.8}.get(method, 1.0)
-        self._init_features(method if method in FEATURE_LOSSES else None, student_features, feature_view)
-        self.w_feat = w_feat if w_feat is not None else FEATURE_WEIGHTS.get(method)
+        self._init_features(method if method in FEATURE_LOSSES else None, student_features, feature_view, w_feat)
         self.contrast: ContrastHead | None = None  # CRD: built in setup(), once the training samples are known
         self._beta = torch.distributions.Beta(mix_alpha, mix_alpha)
 
