@@ -32,7 +32,9 @@ GRID = METHODS[:-1]  # the budget sweep's methods; crd (issue 17's baseline) on 
 GROUP_SIZE = {"ckd": 2, "ckd_kl3": 3}
 PROTOCOLS = {
     # CPU: small student, short cosine schedule; sized so that 3 budgets x 7 methods x 3 seeds fit ~2 h on 2 cores.
-    "cpu": {"student": "resnet8", "epochs": 15, "lr": 0.05, "scheduler": "cosine", "batch_size": 64},
+    # channels_last and evaluation batches of 128 make a run ~2x faster on CPU (oneDNN) without changing the method.
+    "cpu": {"student": "resnet8", "epochs": 15, "lr": 0.05, "scheduler": "cosine", "batch_size": 64,
+            "channels_last": True, "eval_batch_size": 128},
     # The official CKD protocol (LR x0.1 on validation plateau, up to 3 times), for GPUs.
     "full": {"student": "resnet8", "epochs": 240, "lr": 0.05, "scheduler": "plateau", "batch_size": 64},
 }
@@ -40,11 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _datamodule(budget: int, seed: int, group_size: int, cache_dir: Path, batch_size: int, progress: bool = False,
-                **selection):
+                eval_batch_size: int = 512, **selection):
     from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
 
     return CachedTeacherDataModule(
-        CIFAR10DataModule(batch_size=batch_size, seed=0),
+        CIFAR10DataModule(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=0),
         teacher="cifar10_resnet20_teacher.pt2",
         budget=budget,
         cache_dir=str(cache_dir),
@@ -90,7 +92,8 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
             self.acc.append(float(trainer.callback_metrics["val/acc"]))
 
     L.seed_everything(seed, workers=True, verbose=False)
-    common = dict(student=cfg["student"], lr=cfg["lr"], scheduler=cfg["scheduler"])
+    common = dict(student=cfg["student"], lr=cfg["lr"], scheduler=cfg["scheduler"],
+                  channels_last=cfg.get("channels_last", False))
     if method == "ce":
         model = Supervised(**common)
     elif method == "ckd":
@@ -101,7 +104,7 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
         model = KnowledgeDistillation(method=method, **common)
     name = name or f"{budget}-{method}-{seed}"
     dm = _datamodule(budget, seed, GROUP_SIZE.get(method, 1), cache_dir or cache_root / f"seed{seed}",
-                     cfg["batch_size"], **selection)
+                     cfg["batch_size"], eval_batch_size=cfg.get("eval_batch_size", 512), **selection)
     ckpt = ModelCheckpoint(dirpath=out / "ckpt" / name, monitor="val/acc", mode="max")
     curve = ValCurve()
     trainer = _trainer(cfg["epochs"], [ckpt, curve], cfg.get("accelerator", "cpu"))

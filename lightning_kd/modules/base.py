@@ -20,6 +20,10 @@ class StudentModule(L.LightningModule):
     (momentum, optional Nesterov) or AdamW; schedule: cosine over the run, one-cycle, step decay at
     ``milestones`` (fractions of the run), LR x0.1 on a ``val/acc`` plateau (at most ``max_lr_drops`` times, as
     in the CKD protocol), or constant.
+
+    ``channels_last`` stores the student's convolution weights (and its 4-D inputs) channels-last (NHWC): the same
+    function up to float rounding, and faster convolutions where the backend prefers that layout (oneDNN on CPU:
+    a ResNet-8 training step takes ~0.7x the time on 2 cores; cuDNN with bf16 on GPUs).
     """
 
     def __init__(
@@ -36,10 +40,13 @@ class StudentModule(L.LightningModule):
         milestones: tuple[float, ...] = (0.5, 0.75),
         plateau_patience: int = 5,
         max_lr_drops: int = 3,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # also records the calling subclass's own arguments
         self.student = create_model(student, num_classes=num_classes, **(model_kwargs or {}))
+        if channels_last:
+            self.student.to(memory_format=torch.channels_last)
         self.num_classes = num_classes
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -47,6 +54,8 @@ class StudentModule(L.LightningModule):
         self._train_acc_logged: int | None = None  # the epoch whose first step handed train_acc to self.log
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.student(x)
 
     def log_train(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, **terms: torch.Tensor) -> None:

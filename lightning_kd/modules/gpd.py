@@ -91,6 +91,8 @@ class GapPreservingDistillation(StudentModule):
         self.dynamic_teacher = build_dynamic_teacher(
             net, h.num_classes, ratio, branches, noise_std, h.model_kwargs, student_weights, tuple(input_size)
         )
+        if h.channels_last:
+            self.dynamic_teacher.to(memory_format=torch.channels_last)  # the student view slices these weights
         self.val_dt_acc = MulticlassAccuracy(h.num_classes, average="micro")
 
     def configure_model(self) -> None:

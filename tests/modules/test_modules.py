@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lightning_kd.callbacks import DynamicTeacherSharing, StudentExtraction, TeacherBudgetMonitor
 from lightning_kd.losses import comparative_kd_loss, hinton_kd_loss
 from lightning_kd.modules import ComparativeDistillation, GapPreservingDistillation, KnowledgeDistillation, Supervised
+from lightning_kd.reparam.extract import extract_student
 from lightning_kd.teachers import load_teacher
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -293,3 +294,40 @@ def test_train_acc_logged_once_per_epoch_is_the_accuracy_over_every_step_of_that
     for epoch in (0, 1):
         correct = sum(int((z.argmax(1) == y).sum()) for z, y in seen[epoch])
         assert logged[epoch] == pytest.approx(correct / 48, abs=1e-6), epoch
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **k: Supervised(student="resnet8", **k),
+        lambda **k: KnowledgeDistillation(student="resnet8", **k),
+        lambda **k: ComparativeDistillation(student="resnet8", **k),
+        lambda **k: GapPreservingDistillation(student="resnet8", ratio=1.5, **k),
+    ],
+    ids=["ce", "kd", "ckd", "gpd"],
+)
+def test_channels_last_is_the_same_function_and_the_same_step(make):
+    torch.manual_seed(0)
+    ref = make()
+    fast = make(channels_last=True)
+    fast.load_state_dict(ref.state_dict())
+    convs = [p for p in fast.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    for m in (ref, fast):
+        m.log_train = lambda *a, **k: None
+    batch = _batch(8, k=2) if isinstance(ref, ComparativeDistillation) else _batch(8)
+    losses = [m.training_step(batch, 0) for m in (ref, fast)]
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    for loss in losses:
+        loss.backward()
+    grads = [dict((n, p.grad) for n, p in m.named_parameters() if p.grad is not None) for m in (ref, fast)]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], atol=1e-4, rtol=1e-4), n
+    x = torch.randn(4, 3, 32, 32)
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        assert (ref(x) - fast(x)).abs().max() <= 1e-5
+        if isinstance(fast, GapPreservingDistillation):
+            student = extract_student(fast.dynamic_teacher)
+            assert (student(x) - fast(x)).abs().max() <= 1e-5
