@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from lightning_kd.teachers import Codec, JsonCodec, NpyCodec, RemoteTeacher, TeacherCallError, load_teacher
-from lightning_kd.teachers.remote import read_npy
+from lightning_kd.teachers.codecs import read_npy
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from remote_server import control, read_count, spawn_server, start_server  # noqa: E402
