@@ -2,7 +2,8 @@
 
 Run as a script: ``python tests/teachers_for_tests.py fill CACHE_DIR LOG BUDGET BATCH SLEEP`` fills a cache
 (used by the kill -9 test); ``python tests/teachers_for_tests.py ddp OUT_DIR CACHE_DIR BUDGET`` trains KD for a
-few steps under DDP on 2 CPU processes and writes what each rank saw (used by the DDP test); ``gpd_ddp``,
+few steps under DDP on 2 CPU processes and writes what each rank saw (used by the DDP test; ``ddp_features``: the
+same for feature CKD over cached teacher features); ``gpd_ddp``,
 ``gpd_fsdp``, ``gpd_vit_ddp``, ``gpd_vit_fsdp OUT_DIR CACHE_DIR BUDGET`` do the same for GPD (the GPD DDP and FSDP
 tests).
 """
@@ -160,6 +161,38 @@ def _ddp_folder(out_dir: str, cache_dir: str, root: str, budget: str, log: str) 
                        cache.get(cache.indices).numpy().tobytes()).hexdigest()}, f)
 
 
+def _ddp_features(out_dir: str, cache_dir: str, budget: str) -> None:
+    """Feature CKD (hint on the teacher's layer 2) for 2 steps under DDP on 2 CPU processes, the ranks seeded
+    differently; write what each rank paid for, what the cache holds (logits and features) and a digest of the
+    trained student + feature head."""
+    import lightning as L
+
+    from features_for_tests import CountingNet, feature_datamodule
+    from lightning_kd.modules import ComparativeDistillation
+
+    torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # DDP must broadcast rank 0's student and head
+    teacher = CountingNet()
+    dm = feature_datamodule(teacher, cache_dir, int(budget), group_size=2)
+    model = ComparativeDistillation(student="resnet8", feature_loss="hint", student_features={"l2": "layer2"})
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=2, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, dm)
+    cache = dm.cache
+    features = cache.get_features(cache.indices)
+
+    def digest(tensors):
+        return hashlib.sha256(b"".join(t.detach().float().numpy().tobytes() for t in tensors)).hexdigest()
+
+    with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+        json.dump({"samples": teacher.samples, "cached": len(cache), "budget_used": dm.budget_state.used,
+                   "cache_sha": digest([cache.get(cache.indices), *(features[n] for n in sorted(features))]),
+                   "feature_shapes": {n: list(v.shape) for n, v in features.items()},
+                   "head_params": sum(p.numel() for p in model.feature_head.parameters()),
+                   "trained_sha": digest(model.parameters()), "steps": trainer.global_step}, f)
+
+
 GPD_STUDENTS = {  # the students of the GPD multi-process tests: a CNN with CBR branches, a ViT (3 heads -> 5 wide)
     "gpd": dict(student="resnet8", branches=True, lr=0.05),
     "gpd_vit": dict(student="vit_tiny_patch16_224", optimizer="adamw", lr=1e-3,
@@ -228,4 +261,4 @@ if __name__ == "__main__":
     if mode.startswith("gpd"):  # gpd_ddp, gpd_fsdp, gpd_vit_ddp, gpd_vit_fsdp
         _gpd_parallel(*mode.rsplit("_", 1), *sys.argv[2:])
     else:
-        {"fill": _fill, "ddp": _ddp, "ddp_folder": _ddp_folder}[mode](*sys.argv[2:])
+        {"fill": _fill, "ddp": _ddp, "ddp_features": _ddp_features, "ddp_folder": _ddp_folder}[mode](*sys.argv[2:])

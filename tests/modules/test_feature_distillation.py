@@ -168,3 +168,24 @@ def test_ckd_hint_config_parses_to_feature_ckd_on_the_shared_teachers_layer_2(ca
     assert d["teacher_features"] == {"layer2": "net.layer2"}
     model = ComparativeDistillation(**m)
     assert model.w_feat == 100.0 and model.student_features == {"layer2": "layer2"}
+
+
+@pytest.mark.ddp
+def test_feature_ckd_under_ddp_pays_once_and_trains_one_student_and_head(tmp_path):
+    """2 DDP ranks seeded differently: the fill splits the budget between them (each sample computed once), both
+    ranks then hold the same logits and features, and the feature head trains in sync with the student."""
+    import json
+
+    from teachers_for_tests import run_helper
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_helper("ddp_features", out, tmp_path / "cache", 64, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["samples"] + r1["samples"] == 64 and r0["samples"] > 0 and r1["samples"] > 0
+    assert r0["cached"] == r1["cached"] == r0["budget_used"] == 64
+    assert r0["cache_sha"] == r1["cache_sha"]
+    assert r0["feature_shapes"] == r1["feature_shapes"] == {"l2": [64, 32, 16, 16], "pool": [64, 64, 1, 1]}
+    assert r0["head_params"] > 0 and r0["steps"] == r1["steps"] == 2
+    assert r0["trained_sha"] == r1["trained_sha"]
