@@ -10,11 +10,20 @@ exist.
     python experiments/sweep_budget.py --protocol full      # the official protocol, for GPUs
     python experiments/sweep_budget.py --report-only        # rebuild table and plot
 
-Methods: ce (no teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), ckd
-(:class:`ComparativeDistillation`, pairs, MSE: the WACV release) and ckd_kl3 (groups of 3, KL: the arXiv
-release); crd (CE + KD + 0.8·CRD on logits, the official CKD baseline; not in the default grid). Each run also
-stores its validation-accuracy curve and best epoch (the convergence evidence). All use the same cached outputs
-and the same number of steps per epoch, ceil(budget / 64), as the official code (a CKD batch holds 64 tuples).
+Methods (the registry ``experiments/methods.py``: module, arguments, group size, features). The default grid:
+ce (no teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), ckd (:class:`ComparativeDistillation`,
+pairs, MSE: the WACV release) and ckd_kl3 (groups of 3, KL: the arXiv release). On request (``--methods``): crd (CE +
+KD + 0.8·CRD on logits, the official CKD baseline); ckd_average, ckd_mixup (CKD's combine ablations); the white-box
+baselines hint, vid, cc and feature CKD ckd_hint, ckd_vid, ckd_cc; gpd, gpd_ckd (GPD with KD / CKD terms) and
+gpd_scratch (GPD without a teacher signal, on the same samples). Each run also stores its validation-accuracy
+curve and best epoch (the convergence evidence); GPD runs also the dynamic teacher's test accuracy at the same
+checkpoint (``dt_test_acc``; ``test_acc`` is the student's, i.e. the extracted student's). All use the same
+selected samples and one fixed teacher view each; an epoch is floor(budget / 64) batches of 64 samples (the last
+partial batch is dropped) or ceil(budget / 64) batches of 64 CKD tuples, as in the official code (at budget 2,000:
+31 vs 32 steps, 3% more for the tuple methods; not equalised, so as to keep the convergence runs comparable).
+Logit methods read the seed's logits cache (``seed<s>``: the ``.pt2`` teacher); feature methods read a features
+cache (``seed<s>-features``: the same teacher's weights as a module, with its four stage outputs recorded once for
+all of them). The plot shows the default grid's methods only.
 """
 
 from __future__ import annotations
@@ -22,14 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-METHODS = ("ce", "kd", "mixup", "cutmix", "rkd", "dist", "ckd", "ckd_kl3", "crd")
-GRID = METHODS[:-1]  # the budget sweep's methods; crd (issue 17's baseline) on request
-GROUP_SIZE = {"ckd": 2, "ckd_kl3": 3}
+if str(Path(__file__).resolve().parent) not in sys.path:  # the method registry beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from methods import FEATURE_TEACHER, GRID, LOGITS_TEACHER, METHODS, TEACHER_FEATURES  # noqa: E402
+
 PROTOCOLS = {
     # CPU: small student, short cosine schedule; sized so that 3 budgets x 7 methods x 3 seeds fit ~2 h on 2 cores.
     # channels_last and evaluation batches of 128 make a run ~2x faster on CPU (oneDNN) without changing the method.
@@ -41,13 +52,21 @@ PROTOCOLS = {
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _cache_dir(cache_root: Path, seed: int, features: bool = False) -> Path:
+    """The seed's shared cache: logits only (``seed<s>``), or logits and the four teacher features."""
+    return cache_root / (f"seed{seed}-features" if features else f"seed{seed}")
+
+
 def _datamodule(budget: int, seed: int, group_size: int, cache_dir: Path, batch_size: int, progress: bool = False,
-                eval_batch_size: int = 512, **selection):
+                eval_batch_size: int = 512, features: bool = False, **selection):
+    """The sweep's DataModule; ``features``: the module teacher recording :data:`TEACHER_FEATURES` as well."""
     from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
 
+    teacher = (dict(teacher=dict(FEATURE_TEACHER), teacher_features=dict(TEACHER_FEATURES)) if features
+               else dict(teacher=LOGITS_TEACHER))
     return CachedTeacherDataModule(
         CIFAR10DataModule(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=0),
-        teacher="cifar10_resnet20_teacher.pt2",
+        **teacher,
         budget=budget,
         cache_dir=str(cache_dir),
         seed=seed,
@@ -70,7 +89,7 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
     """Train and test one (budget, method, seed); returns and stores its result as ``<out>/runs/<name>.json``.
 
     ``selection`` (``selection``, ``rounds``, ...) goes to the DataModule; ``cache_dir`` defaults to the seed's
-    shared cache under ``cache_root``.
+    shared cache under ``cache_root`` (its features cache for feature methods).
     """
     import torch
 
@@ -79,8 +98,6 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     import numpy as np
-
-    from lightning_kd.modules import ComparativeDistillation, KnowledgeDistillation, Supervised
 
     class ValCurve(L.Callback):
         """Validation accuracy after every epoch (in order)."""
@@ -92,19 +109,13 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
             self.acc.append(float(trainer.callback_metrics["val/acc"]))
 
     L.seed_everything(seed, workers=True, verbose=False)
-    common = dict(student=cfg["student"], lr=cfg["lr"], scheduler=cfg["scheduler"],
-                  channels_last=cfg.get("channels_last", False))
-    if method == "ce":
-        model = Supervised(**common)
-    elif method == "ckd":
-        model = ComparativeDistillation(**common)
-    elif method == "ckd_kl3":
-        model = ComparativeDistillation(variant="kl", **common)
-    else:
-        model = KnowledgeDistillation(method=method, **common)
+    spec = METHODS[method]
+    model = spec.build(student=cfg["student"], lr=cfg["lr"], scheduler=cfg["scheduler"],
+                       channels_last=cfg.get("channels_last", False))
     name = name or f"{budget}-{method}-{seed}"
-    dm = _datamodule(budget, seed, GROUP_SIZE.get(method, 1), cache_dir or cache_root / f"seed{seed}",
-                     cfg["batch_size"], eval_batch_size=cfg.get("eval_batch_size", 512), **selection)
+    dm = _datamodule(budget, seed, spec.group_size, cache_dir or _cache_dir(cache_root, seed, spec.needs_features),
+                     cfg["batch_size"], eval_batch_size=cfg.get("eval_batch_size", 512), features=spec.needs_features,
+                     **selection)
     ckpt = ModelCheckpoint(dirpath=out / "ckpt" / name, monitor="val/acc", mode="max")
     curve = ValCurve()
     trainer = _trainer(cfg["epochs"], [ckpt, curve], cfg.get("accelerator", "cpu"))
@@ -117,6 +128,7 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
         "method": method,
         "seed": seed,
         "test_acc": test["test/acc"],
+        **(_dynamic_teacher_results(model, dm, test) if hasattr(model, "dynamic_teacher") else {}),
         "best_val_acc": float(ckpt.best_model_score),
         "best_epoch": int(np.argmax(curve.acc)) + 1,
         "val_acc_curve": [round(a, 4) for a in curve.acc],
@@ -137,22 +149,42 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
     return result
 
 
+def _dynamic_teacher_results(model, dm, test: dict) -> dict:
+    """GPD at the tested (best) checkpoint: the DT's test accuracy, and how far the extracted student's logits are
+    from ``model(x)`` (the student view, whose accuracy is ``test_acc``) on the first test batch."""
+    import torch
+
+    from lightning_kd.reparam import extract_student
+
+    model.eval()
+    x = next(iter(dm.test_dataloader()))["input"].to(model.device)
+    with torch.no_grad():
+        gap = (extract_student(model.dynamic_teacher).eval()(x) - model(x)).abs().max()
+    return {"dt_test_acc": test["test/dt_acc"], "extracted_max_abs_diff": float(gap)}
+
+
 def report(out: Path) -> str:
     """Rebuild ``table.md``, ``table.csv`` and ``accuracy_vs_budget.png`` from the stored runs."""
     import numpy as np
 
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     budgets = sorted({r["budget"] for r in runs})
-    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    stats = {}
+    names = {r["method"] for r in runs}
+    methods = [m for m in METHODS if m in names] + sorted(names - set(METHODS))
+    rows = []  # (row label, method, result key): GPD's dynamic teacher gets a row of its own
     for m in methods:
+        rows.append((m, m, "test_acc"))
+        if any("dt_test_acc" in r for r in runs if r["method"] == m):
+            rows.append((f"{m}/dt", m, "dt_test_acc"))
+    stats = {}
+    for row, m, key in rows:
         for b in budgets:
-            accs = [100 * r["test_acc"] for r in runs if r["method"] == m and r["budget"] == b]
+            accs = [100 * r[key] for r in runs if r["method"] == m and r["budget"] == b and key in r]
             if accs:
-                stats[m, b] = (float(np.mean(accs)), float(np.std(accs)), len(accs))
+                stats[row, b] = (float(np.mean(accs)), float(np.std(accs)), len(accs))
     lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
     csv = ["method,budget,mean_test_acc,std_test_acc,seeds"]
-    for m in methods:
+    for m, _, _ in rows:
         cells = []
         for b in budgets:
             if (m, b) in stats:
@@ -163,9 +195,11 @@ def report(out: Path) -> str:
                 cells.append("–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     wall = sum(r["fit_seconds"] for r in runs)
+    dt_note = " (`<method>/dt`: a GPD run's dynamic teacher)" if any("/" in row for row, _, _ in rows) else ""
     table = (
         "\n".join(lines)
-        + f"\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds; {len(runs)} runs, {wall / 3600:.2f} h of fit time in all.\n"
+        + f"\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds{dt_note}; {len(runs)} runs, "
+        f"{wall / 3600:.2f} h of fit time in all.\n"
     )
     (out / "table.md").write_text(table)
     (out / "table.csv").write_text("\n".join(csv) + "\n")
@@ -176,7 +210,7 @@ def report(out: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
+    for m in [m for m in GRID if m in methods]:  # the default grid's methods; CKD's lines thicker
         pts = [(b, *stats[m, b][:2]) for b in budgets if (m, b) in stats]
         if pts:
             b_, mean, std = zip(*pts)
@@ -188,7 +222,8 @@ def report(out: Path) -> str:
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     ax.set_title("ResNet-20 teacher → ResNet-8 student")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_budget.png", dpi=120)
     return table
@@ -223,8 +258,14 @@ def main() -> None:
     cache_root = args.cache_root or default_cache_dir() / "sweep_budget"
     # Fill each seed's cache once, up front, for the largest budget (selections are nested, so every smaller
     # budget finds its outputs there); parallel runs then never call the teacher.
+    # Feature methods share a second cache per seed (the module teacher, all four layers), filled the same way.
     for seed in args.seeds:
-        _datamodule(max(args.budgets), seed, 1, cache_root / f"seed{seed}", 64, progress=True).fill()
+        for features in sorted({METHODS[m].needs_features for m in args.methods}):
+            dm = _datamodule(max(args.budgets), seed, 1, _cache_dir(cache_root, seed, features), 64, progress=True,
+                             features=features)
+            dm.fill()
+            print(f"seed {seed}: {_cache_dir(cache_root, seed, features)} filled, {dm.new_teacher_calls} new teacher "
+                  "calls", flush=True)
 
     todo = [
         (b, m, s)
@@ -240,7 +281,7 @@ def main() -> None:
         for fut in as_completed(futures):
             r = fut.result()
             print(
-                f"budget {r['budget']:5d} {r['method']:7s} seed {r['seed']}: test acc {100 * r['test_acc']:.2f}% "
+                f"budget {r['budget']:5d} {r['method']:11s} seed {r['seed']}: test acc {100 * r['test_acc']:.2f}% "
                 f"({r['fit_seconds']:.0f} s, {r['new_teacher_calls']} new teacher calls)",
                 flush=True,
             )

@@ -44,7 +44,8 @@ class GapPreservingDistillation(StudentModule):
     and the student learn from the static teacher, chosen by ``distill``:
 
     * ``"kd"`` (the paper): D = KD = T²·KL at ``temperature``, per sample. Batches without teacher outputs (a
-      plain DataModule) drop both D terms: training from scratch, or fine-tuning ``student_weights``.
+      plain DataModule) drop both D terms: training from scratch, or fine-tuning ``student_weights``; so does
+      ``kd_weight=0`` on batches that carry them (from scratch on a budget's samples: the outputs are not read).
     * ``"ckd"``: D = the CKD loss of :class:`~lightning_kd.modules.ComparativeDistillation` (Wilf et al.,
       arXiv 2311.02253), ``w_rel·D'(Δz, Δz_T) + w_cls·D'(Δz, Δy)`` on differences Δ = mean_P − mean_N of
       tuples (``ckd_variant``: D' = MSE or T²·KL; ``combine``: the difference or an ablation). Batches are
@@ -54,10 +55,11 @@ class GapPreservingDistillation(StudentModule):
     w = ``kd_weight``; SCE = soft cross-entropy with label smoothing ``sce_smoothing`` at T = 1, weight
     λ = ``sce_weight``. Only the DT's parameters exist: the student is a scaled slice of them
     (:func:`~lightning_kd.reparam.expand`), so one optimizer step trains both. ``self(x)`` is the student;
-    ``val/acc`` / ``test/acc`` are the student's, ``val/dt_acc`` the DT's (validation batches are plain in both
-    modes). Students: the CNN zoo, timm CNNs and timm ViT / PVTv2 models by name, e.g.
-    ``student="vit_tiny_patch16_224"`` with ``model_kwargs={"img_size": 32, "patch_size": 4}``
-    (``experiments/cifar10/gpd_vit.yaml``; GPD-CKD: ``experiments/cifar10/gpd_ckd.yaml``).
+    ``val/acc`` / ``test/acc`` are the student's (the extracted student's, up to rounding), ``val/dt_acc`` /
+    ``test/dt_acc`` the DT's (evaluation batches are plain in both modes). Students: the CNN zoo, timm CNNs and
+    timm ViT / PVTv2 models by name, e.g. ``student="vit_tiny_patch16_224"`` with
+    ``model_kwargs={"img_size": 32, "patch_size": 4}`` (``experiments/cifar10/gpd_vit.yaml``; GPD-CKD:
+    ``experiments/cifar10/gpd_ckd.yaml``).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class GapPreservingDistillation(StudentModule):
         if h.channels_last:
             self.dynamic_teacher.to(memory_format=torch.channels_last)  # the student view slices these weights
         self.val_dt_acc = MulticlassAccuracy(h.num_classes, average="micro")
+        self.test_dt_acc = MulticlassAccuracy(h.num_classes, average="micro")
 
     def configure_model(self) -> None:
         """FSDP2 under Lightning's ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``: rank
@@ -140,7 +143,7 @@ class GapPreservingDistillation(StudentModule):
         z_s = self.dynamic_teacher.forward_student(x)
         loss_dt = F.cross_entropy(z_dt, y)
         loss_s = F.cross_entropy(z_s, y)
-        if z_t is not None:
+        if z_t is not None and h.kd_weight != 0:  # a weight of 0 reads no teacher output
             distance = self._static_teacher_loss(z_t, batch["target"])
             loss_dt = loss_dt + h.kd_weight * distance(z_dt)
             loss_s = loss_s + h.kd_weight * distance(z_s)
@@ -187,3 +190,8 @@ class GapPreservingDistillation(StudentModule):
         super().validation_step(batch, batch_idx)
         self.val_dt_acc(self.dynamic_teacher(batch["input"]), batch["target"])
         self.log("val/dt_acc", self.val_dt_acc, prog_bar=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        self.test_dt_acc(self.dynamic_teacher(batch["input"]), batch["target"])
+        self.log("test/dt_acc", self.test_dt_acc)

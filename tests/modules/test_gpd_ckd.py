@@ -69,6 +69,36 @@ def test_kd_is_the_default_and_its_loss_is_gpd_eq8(teacher):
     assert torch.equal(loss.detach(), expected)  # the same operations in the same order: bit for bit
 
 
+def test_kd_weight_zero_reads_no_teacher_output():
+    """GPD from scratch on a budget's samples: with kd_weight=0 the batch's teacher outputs are never read."""
+    batch = _batch(8)
+    batch["teacher_logits"] = torch.full_like(batch["teacher_logits"], float("nan"))
+    got = _gpd(kd_weight=0.0).training_step(batch, 0)
+    want = _gpd(kd_weight=0.0).training_step(_batch(8, teacher=False), 0)
+    assert torch.isfinite(got) and torch.equal(got, want)
+
+
+def test_test_logs_the_extracted_students_and_the_dynamic_teachers_accuracy(tmp_path):
+    model = _gpd()
+    with torch.no_grad():  # pull the DT away from its student, then label by the DT: the two accuracies differ
+        for param in model.dynamic_teacher.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    model.eval()
+    batches = [_batch(16, teacher=False, seed=s) for s in range(3)]
+    x = torch.cat([b["input"] for b in batches])
+    with torch.no_grad():
+        labels = model.dynamic_teacher(x).argmax(1)
+        for i, b in enumerate(batches):
+            b["target"] = torch.where(torch.arange(16) % 2 == 0, labels[16 * i:16 * (i + 1)], b["target"])
+        y = torch.cat([b["target"] for b in batches])
+        dt_acc = (model.dynamic_teacher(x).argmax(1) == y).float().mean().item()
+        student_acc = (extract_student(model.dynamic_teacher).eval()(x).argmax(1) == y).float().mean().item()
+    assert dt_acc != student_acc
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    metrics = _trainer(tmp_path, steps=1).test(model, loader, verbose=False)[0]
+    assert metrics["test/dt_acc"] == pytest.approx(dt_acc) and metrics["test/acc"] == pytest.approx(student_acc)
+
+
 # -- "ckd": golden value ------------------------------------------------------------------------------------------
 def _delta(a, p, combine, lam):
     pos, neg = a[:, :p].mean(1), a[:, p:].mean(1)
