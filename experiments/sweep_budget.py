@@ -100,13 +100,20 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
     import numpy as np
 
     class ValCurve(L.Callback):
-        """Validation accuracy after every epoch (in order)."""
+        """Validation accuracy after every epoch (in order), and a progress line every tenth of the run (the
+        workers run without progress bars; a long schedule is an hour per run on one CPU core)."""
 
         def __init__(self) -> None:
             self.acc: list[float] = []
+            self.start = time.perf_counter()
 
         def on_validation_end(self, trainer, pl_module) -> None:
             self.acc.append(float(trainer.callback_metrics["val/acc"]))
+            done, total = len(self.acc), trainer.max_epochs
+            if done % max(total // 10, 1) == 0 or done == total:
+                best = int(np.argmax(self.acc))
+                print(f"[{name}] epoch {done}/{total}: val acc {self.acc[-1]:.4f} (best {self.acc[best]:.4f} at "
+                      f"{best + 1}), {(time.perf_counter() - self.start) / done:.1f} s/epoch", flush=True)
 
     L.seed_everything(seed, workers=True, verbose=False)
     spec = METHODS[method]
