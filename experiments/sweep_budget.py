@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -236,6 +238,15 @@ def report(out: Path) -> str:
     return table
 
 
+def _stop_workers(signum, frame) -> None:
+    """SIGTERM (``kill``) stops the runs in flight too: a worker outliving the sweep would go on training and could
+    write the same run's JSON as the next sweep started over the same results. A stopped run leaves no JSON and is
+    redone next time."""
+    for child in multiprocessing.active_children():
+        child.kill()
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000, 4000])
@@ -283,6 +294,7 @@ def main() -> None:
     ]
     print(f"{len(todo)} runs to do ({args.workers} workers x {args.threads} threads); results in {out}")
     os.environ.setdefault("WANDB_MODE", "disabled")
+    signal.signal(signal.SIGTERM, _stop_workers)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(run_one, b, m, s, cfg, out, cache_root, args.threads): (b, m, s) for b, m, s in todo}
         for fut in as_completed(futures):
