@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from sweep_budget import PROTOCOLS, ROOT, run_one
+from sweep_budget import PROTOCOLS, ROOT, _stop_workers, run_one
 
 STRATEGIES = ("random", "class_balanced", "margin", "kcenter", "margin_kcenter", "badge")
 
@@ -97,6 +98,7 @@ def main() -> None:
                         todo.append((b, m, s, seed, name))
     print(f"{len(todo)} runs to do ({args.workers} workers x {args.threads} threads); results in {out}")
     os.environ.setdefault("WANDB_MODE", "disabled")
+    signal.signal(signal.SIGTERM, _stop_workers)  # kill stops the runs in flight too
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         futures = [
             pool.submit(run_one, b, m, seed, cfg, out, cache_root, args.threads, name=name,
