@@ -3,8 +3,8 @@
 Reads the probe's runs, ``experiments/results/convergence/e<epochs>/cpu/runs/*.json`` (each made by
 ``python experiments/sweep_budget.py --budgets 2000 --methods kd ckd --epochs <epochs> --out
 experiments/results/convergence/e<epochs>``), and writes ``table.md`` (mean ± std over seeds, the change from the
-previous schedule, best-validation epochs) and ``accuracy_vs_epochs.png`` next to them. A schedule is converged
-for a method when the next one, half as long again, moves its mean by less than 0.5 points.
+previous schedule, paired by seed, best-validation epochs) and ``accuracy_vs_epochs.png`` next to them. A schedule
+is converged for a method when the next one, half as long again, moves its mean by less than 0.5 points.
 
     python experiments/convergence.py
 """
@@ -31,19 +31,23 @@ def load(root: Path) -> dict[tuple[str, int], list[dict]]:
 
 
 def table(runs: dict[tuple[str, int], list[dict]]) -> str:
-    """Markdown: per method and schedule, the mean ± std test accuracy, its change from the previous schedule
-    and the best-validation epochs of the seeds."""
-    lines = ["| method | epochs | test acc (%) | seeds | change from previous | best-val epochs |", "|---" * 6 + "|"]
+    """Markdown: per method and schedule, the mean ± std test accuracy, the seeds' accuracies, the change from
+    the previous schedule (paired: the mean over the seeds run at both of each seed's difference) and the
+    best-validation epochs."""
+    lines = ["| method | epochs | test acc (%) | per seed (seed: acc) | paired change from previous | best-val epochs |",
+             "|---" * 6 + "|"]
     for method in sorted({m for m, _ in runs}):
-        previous = None
+        previous: dict[int, float] = {}
         for epochs in sorted(e for m, e in runs if m == method):
-            accs = [100 * r["test_acc"] for r in runs[method, epochs]]
-            mean = float(np.mean(accs))
-            change = f"{mean - previous:+.2f}" if previous is not None else "–"
+            accs = {r["seed"]: 100 * r["test_acc"] for r in runs[method, epochs]}
+            values = list(accs.values())
+            common = sorted(set(accs) & set(previous))
+            change = (f"{np.mean([accs[s] - previous[s] for s in common]):+.2f} (n={len(common)})" if common
+                      else "–")
             best = ", ".join(str(r["best_epoch"]) for r in runs[method, epochs] if "best_epoch" in r) or "–"
-            lines.append(f"| {method} | {epochs} | {mean:.2f} ± {float(np.std(accs)):.2f} | "
-                         f"{', '.join(f'{a:.2f}' for a in accs)} | {change} | {best} |")
-            previous = mean
+            lines.append(f"| {method} | {epochs} | {np.mean(values):.2f} ± {np.std(values):.2f} | "
+                         f"{', '.join(f'{s}: {a:.2f}' for s, a in sorted(accs.items()))} | {change} | {best} |")
+            previous = accs
     return "\n".join(lines) + "\n"
 
 
