@@ -1,0 +1,48 @@
+"""The experiment runners end to end at toy size: a sweep run stores what its table and the README read (KD and
+GPD, the latter with its dynamic teacher and an exact extraction), the table is rebuilt from the runs, and the
+convergence table pairs its changes by seed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import convergence  # noqa: E402
+import sweep_budget  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One KD and one GPD run of the CPU protocol shortened to 1 epoch, budget 64 (one step), one cache."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = dict(sweep_budget.PROTOCOLS["cpu"], epochs=1, accelerator="cpu", protocol="cpu")
+    return tmp, [sweep_budget.run_one(64, m, 0, cfg, tmp / "out", tmp / "cache", 1) for m in ("kd", "gpd")]
+
+
+def test_a_sweep_run_stores_its_result_and_the_table_is_rebuilt_from_the_runs(runs):
+    tmp, (kd, gpd) = runs
+    assert kd["new_teacher_calls"] == 64 and gpd["new_teacher_calls"] == 0  # one fill, shared by the seed's runs
+    for r in (kd, gpd):
+        assert r["steps"] == 1 and r["best_epoch"] == 1 and len(r["val_acc_curve"]) == 1
+        assert 0 <= r["test_acc"] <= 1 and r["protocol"]["channels_last"] is True
+        stored = json.loads((tmp / "out" / "runs" / f"64-{r['method']}-0.json").read_text())
+        assert stored["test_acc"] == r["test_acc"]
+    assert 0 <= gpd["dt_test_acc"] <= 1 and gpd["extracted_max_abs_diff"] <= 1e-5
+    table = sweep_budget.report(tmp / "out")
+    assert "| kd | " in table and "| gpd | " in table and "| gpd/dt | " in table
+    assert (tmp / "out" / "accuracy_vs_budget.png").stat().st_size > 0
+
+
+def test_convergence_changes_are_paired_by_seed():
+    def run(seed, acc):
+        return {"seed": seed, "test_acc": acc / 100, "best_epoch": 1}
+
+    runs = {("kd", 100): [run(0, 60.0), run(1, 64.0), run(2, 62.0)], ("kd", 150): [run(0, 61.0), run(2, 62.5)]}
+    rows = convergence.table(runs).splitlines()
+    assert rows[2].startswith("| kd | 100 | 62.00 ± 1.63 | 0: 60.00, 1: 64.00, 2: 62.00 | – |")
+    # the means of different seed sets differ by -0.25; paired over seeds 0 and 2 the change is (1.0 + 0.5) / 2
+    assert rows[3].startswith("| kd | 150 | 61.75 ± 0.75 | 0: 61.00, 2: 62.50 | +0.75 (n=2) |")
