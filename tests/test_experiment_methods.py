@@ -3,7 +3,6 @@ size) and cached teacher features consistent with its loss, and the original met
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -14,17 +13,9 @@ from lightning_kd.models.hooks import layer_shapes
 from lightning_kd.modules import ComparativeDistillation, GapPreservingDistillation
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import methods as M  # noqa: E402  (the sweep's registry, as sweep_budget.py imports it)
 
-
-def _load_methods():
-    spec = importlib.util.spec_from_file_location("lkd_sweep_methods", ROOT / "experiments" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-M = _load_methods()
 COMMON = dict(student="resnet8", lr=0.05, scheduler="cosine", channels_last=True)
 # What the sweep built before the registry: stored runs of these methods stay comparable.
 BEFORE = {
