@@ -19,7 +19,6 @@ barrier, and then reads the complete cache.
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -316,8 +315,9 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
         ds = self.train_dataset()
         if self.h.group_size == 1:
             return self.loader(ds, train=True)
-        # An epoch is ceil(train samples / batch) batches of tuples, freshly drawn from the pre-sampled tuples.
-        steps = math.ceil(len(self.train_keys) / self.batch_size)
+        # An epoch of tuples has as many optimizer steps as an epoch of single samples (full batches only), so
+        # that every method trains the same number of steps at a budget; tuples are freshly drawn each epoch.
+        steps = max(len(self.train_keys) // self.batch_size, 1)
         sampler = RandomSampler(ds, num_samples=min(steps * self.batch_size, len(ds)))
         return DataLoader(
             ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=collate

@@ -253,7 +253,7 @@ class RoundsMixin:
         if self._train_loader is None:
             ds = self.train_dataset()
             bs, budget = self.batch_size, self.h.budget
-            steps = math.ceil(budget / bs) if self.h.group_size > 1 else max(budget // bs, 1)
+            steps = max(budget // bs, 1)  # the same optimizer steps per epoch for tuples and single samples
             sampler = RandomSampler(ds, num_samples=steps * bs)  # repeats whole permutations of a smaller set
             self._train_loader = DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=self.num_workers,
                                             pin_memory=self.pin_memory, collate_fn=collate)

@@ -207,7 +207,19 @@ def test_ckd_tuples_batches_are_groups_of_cached_samples(tmp_path):
     assert (batch["index"][:, 0] != batch["index"][:, 1]).all()
     assert torch.equal(batch["teacher_logits"].flatten(0, 1), dm.cache.get(batch["index"].flatten()))
     assert dm.sides == (2, 1)
-    assert len(dm.train_dataloader()) == 4  # an epoch: ceil(128 / 32) batches of tuples
+    assert len(dm.train_dataloader()) == 4  # an epoch: 128 // 32 batches of tuples
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 4])
+def test_an_epoch_of_tuples_has_the_steps_of_an_epoch_of_samples(tmp_path, group_size):
+    # 100 samples, batch 32: single samples give 3 full batches (the partial one is dropped); tuples must too, so
+    # that KD and CKD train the same number of optimizer steps at a budget.
+    plain = make_datamodule(CountingTeacher(), tmp_path, 100)
+    plain.fill()
+    tuples = make_datamodule(CountingTeacher(), tmp_path, 100, group_size=group_size)
+    tuples.fill()
+    assert len(plain.train_dataloader()) == len(tuples.train_dataloader()) == 3
+    assert [len(b["index"]) for b in tuples.train_dataloader()] == [32, 32, 32]
 
 
 @pytest.mark.ddp
