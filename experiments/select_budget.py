@@ -26,7 +26,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from sweep_budget import PROTOCOLS, ROOT, _stop_workers, run_one
+from sweep_budget import PROTOCOLS, ROOT, _done, _stop_workers, run_one
 
 STRATEGIES = ("random", "class_balanced", "margin", "kcenter", "margin_kcenter", "badge")
 
@@ -94,7 +94,7 @@ def main() -> None:
             for m in args.methods:
                 for s in args.strategies:
                     name = run_name(b, m, s, args.rounds, seed)
-                    if not (out / "runs" / f"{name}.json").exists():
+                    if not _done(out / "runs" / f"{name}.json", cfg):
                         todo.append((b, m, s, seed, name))
     print(f"{len(todo)} runs to do ({args.workers} workers x {args.threads} threads); results in {out}")
     os.environ.setdefault("WANDB_MODE", "disabled")

@@ -246,6 +246,18 @@ def report(out: Path) -> str:
     return table
 
 
+def _done(path: Path, cfg: dict) -> bool:
+    """Whether the run's JSON exists; one stored under another protocol is refused, never mixed into the table."""
+    if not path.exists():
+        return False
+    stored = json.loads(path.read_text()).get("protocol", {})
+    differs = sorted(k for k in cfg.keys() | stored.keys() if cfg.get(k) != stored.get(k))
+    if differs:
+        what = ", ".join(f"{k}: {stored.get(k)!r} there, {cfg.get(k)!r} now" for k in differs)
+        raise SystemExit(f"{path} was run under another protocol ({what}); use another --out or move it away")
+    return True
+
+
 def _stop_workers(signum, frame) -> None:
     """SIGTERM (``kill``) stops the runs in flight too: a worker outliving the sweep would go on training and could
     write the same run's JSON as the next sweep started over the same results. A stopped run leaves no JSON and is
@@ -293,13 +305,7 @@ def main() -> None:
             print(f"seed {seed}: {_cache_dir(cache_root, seed, features)} filled, {dm.new_teacher_calls} new teacher "
                   "calls", flush=True)
 
-    todo = [
-        (b, m, s)
-        for s in args.seeds
-        for b in args.budgets
-        for m in args.methods
-        if not (out / "runs" / f"{b}-{m}-{s}.json").exists()
-    ]
+    todo = [(b, m, s) for s in args.seeds for b in args.budgets for m in args.methods if not _done(out / "runs" / f"{b}-{m}-{s}.json", cfg)]
     print(f"{len(todo)} runs to do ({args.workers} workers x {args.threads} threads); results in {out}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     signal.signal(signal.SIGTERM, _stop_workers)

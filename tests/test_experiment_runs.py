@@ -46,3 +46,13 @@ def test_convergence_changes_are_paired_by_seed():
     assert rows[2].startswith("| kd | 100 | 62.00 ± 1.63 | 0: 60.00, 1: 64.00, 2: 62.00 | – |")
     # the means of different seed sets differ by -0.25; paired over seeds 0 and 2 the change is (1.0 + 0.5) / 2
     assert rows[3].startswith("| kd | 150 | 61.75 ± 0.75 | 0: 61.00, 2: 62.50 | +0.75 (n=2) |")
+
+
+def test_a_stored_run_counts_as_done_only_under_the_same_protocol(runs):
+    tmp, _ = runs
+    cfg = dict(sweep_budget.PROTOCOLS["cpu"], epochs=1, accelerator="cpu", protocol="cpu")
+    runs = tmp / "out" / "runs"
+    assert sweep_budget._done(runs / "64-kd-0.json", cfg)
+    assert not sweep_budget._done(runs / "64-kd-1.json", cfg)  # never run
+    with pytest.raises(SystemExit, match=r"another protocol \(epochs: 1 there, 300 now\)"):
+        sweep_budget._done(runs / "64-kd-0.json", dict(cfg, epochs=300))
