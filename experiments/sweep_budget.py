@@ -110,11 +110,16 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
 
     class ValCurve(L.Callback):
         """Validation accuracy after every epoch (in order), and a progress line every tenth of the run (the
-        workers run without progress bars; a long schedule is an hour per run on one CPU core)."""
+        workers run without progress bars; a long schedule is an hour per run on one CPU core). Its state (the
+        curve, the fit time so far, the protocol) travels in the checkpoint, so a resumed run continues it."""
 
         def __init__(self) -> None:
             self.acc: list[float] = []
+            self.seconds = 0.0  # fit time before this process's start
             self.start = time.perf_counter()
+
+        def elapsed(self) -> float:
+            return self.seconds + time.perf_counter() - self.start
 
         def on_validation_end(self, trainer, pl_module) -> None:
             self.acc.append(float(trainer.callback_metrics["val/acc"]))
@@ -122,7 +127,16 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
             if done % max(total // 10, 1) == 0 or done == total:
                 best = int(np.argmax(self.acc))
                 print(f"[{name}] epoch {done}/{total}: val acc {self.acc[-1]:.4f} (best {self.acc[best]:.4f} at "
-                      f"{best + 1}), {(time.perf_counter() - self.start) / done:.1f} s/epoch", flush=True)
+                      f"{best + 1}), {self.elapsed() / done:.1f} s/epoch", flush=True)
+
+        def state_dict(self) -> dict:
+            return {"acc": self.acc, "seconds": self.elapsed(), "protocol": cfg}
+
+        def load_state_dict(self, state: dict) -> None:
+            if state["protocol"] != cfg:
+                raise SystemExit(f"{last} was saved under another protocol ({state['protocol']}, now {cfg}); "
+                                 "delete it to start the run again")
+            self.acc, self.seconds, self.start = list(state["acc"]), state["seconds"], time.perf_counter()
 
     L.seed_everything(seed, workers=True, verbose=False)
     spec = METHODS[method]
@@ -132,12 +146,17 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
     dm = _datamodule(budget, seed, spec.group_size, cache_dir or _cache_dir(cache_root, seed, spec.needs_features),
                      cfg["batch_size"], eval_batch_size=cfg.get("eval_batch_size", 512), features=spec.needs_features,
                      **selection)
+    # `last.ckpt` after every epoch: a run cut off (a session's end, a kill) resumes from its last finished epoch
+    # with its curve, best checkpoint and fit time; the data order after the resume is fresh, not replayed.
+    # (Lightning's save_last writes only when the best improves, so the last epoch gets its own checkpoint.)
     ckpt = ModelCheckpoint(dirpath=out / "ckpt" / name, monitor="val/acc", mode="max")
+    every_epoch = ModelCheckpoint(dirpath=out / "ckpt" / name, filename="last", enable_version_counter=False)
+    last = out / "ckpt" / name / "last.ckpt"
+    resume, resumed_at = _resume_point(last)
     curve = ValCurve()
-    trainer = _trainer(cfg["epochs"], [ckpt, curve], cfg.get("accelerator", "cpu"))
-    start = time.perf_counter()
-    trainer.fit(model, dm)
-    fit_s = time.perf_counter() - start
+    trainer = _trainer(cfg["epochs"], [ckpt, every_epoch, curve], cfg.get("accelerator", "cpu"))
+    trainer.fit(model, dm, ckpt_path=resume)
+    fit_s = curve.elapsed()
     test = trainer.test(model, dm, ckpt_path="best", verbose=False)[0]
     result = {
         "budget": budget,
@@ -158,12 +177,30 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
         "protocol": cfg,
         "selection": dict(selection),
         "rounds_log": dm.round_log,
+        "resumed_at_epoch": resumed_at,
     }
     Path(ckpt.best_model_path).unlink(missing_ok=True)
+    last.unlink(missing_ok=True)
     path = out / "runs" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _resume_point(path: Path) -> tuple[str | None, int]:
+    """``(path, finished epochs)`` when ``path`` holds a whole checkpoint to resume from, else ``(None, 0)``; a
+    file cut short by a kill is removed (its run starts again rather than fail)."""
+    if not path.exists():
+        return None, 0
+    import torch
+
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+    except Exception as err:  # a torn write
+        print(f"{path} is unreadable ({type(err).__name__}); the run starts again", flush=True)
+        path.unlink()
+        return None, 0
+    return str(path), int(epoch) + 1
 
 
 def _dynamic_teacher_results(model, dm, test: dict) -> dict:

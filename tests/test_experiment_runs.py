@@ -56,3 +56,39 @@ def test_a_stored_run_counts_as_done_only_under_the_same_protocol(runs):
     assert not sweep_budget._done(runs / "64-kd-1.json", cfg)  # never run
     with pytest.raises(SystemExit, match=r"another protocol \(epochs: 1 there, 300 now\)"):
         sweep_budget._done(runs / "64-kd-0.json", dict(cfg, epochs=300))
+
+
+def test_a_run_cut_off_after_an_epoch_resumes_from_its_last_checkpoint(runs):
+    import subprocess
+
+    import torch
+
+    tmp, _ = runs
+    cfg = dict(sweep_budget.PROTOCOLS["cpu"], epochs=3, accelerator="cpu", protocol="cpu")
+    out, cache = tmp / "resume", tmp / "cache"
+    # The child dies hard (no cleanup, like a kill) right after epoch 2's last checkpoint is written.
+    child = f"""
+import os, sys
+sys.path.insert(0, {str(Path(sweep_budget.__file__).parent)!r})
+import sweep_budget
+from lightning.pytorch.callbacks import ModelCheckpoint
+save = ModelCheckpoint.on_train_epoch_end
+def save_then_die(self, trainer, module):
+    save(self, trainer, module)
+    if trainer.current_epoch == 1 and self.filename == "last":
+        os._exit(9)
+ModelCheckpoint.on_train_epoch_end = save_then_die
+sweep_budget.run_one(64, "kd", 0, {cfg!r}, sweep_budget.Path({str(out)!r}), sweep_budget.Path({str(cache)!r}), 1)
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    last = out / "ckpt" / "64-kd-0" / "last.ckpt"
+    assert not (out / "runs" / "64-kd-0.json").exists()
+    cut = next(v for k, v in torch.load(last, weights_only=False)["callbacks"].items() if "ValCurve" in k)
+    assert len(cut["acc"]) == 2 and cut["seconds"] > 0
+
+    r = sweep_budget.run_one(64, "kd", 0, cfg, out, cache, 1)
+    assert r["resumed_at_epoch"] == 2 and r["steps"] == 3 and r["new_teacher_calls"] == 0
+    assert r["val_acc_curve"][:2] == [round(a, 4) for a in cut["acc"]] and len(r["val_acc_curve"]) == 3
+    assert r["fit_seconds"] > cut["seconds"]
+    assert not last.exists() and (out / "runs" / "64-kd-0.json").exists()
