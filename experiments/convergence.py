@@ -3,8 +3,9 @@
 Reads the probe's runs, ``experiments/results/convergence/e<epochs>/cpu/runs/*.json`` (each made by
 ``python experiments/sweep_budget.py --budgets 2000 --methods kd ckd --epochs <epochs> --out
 experiments/results/convergence/e<epochs>``), and writes ``table.md`` (mean ± std over seeds, the change from the
-previous schedule, paired by seed, best-validation epochs) and ``accuracy_vs_epochs.png`` next to them. A schedule
-is converged for a method when the next one, half as long again, moves its mean by less than 0.5 points.
+previous schedule, paired by seed, best-validation epochs) and ``accuracy_vs_epochs.png`` next to them, and the
+table into README.md's convergence block. A schedule is converged for a method when the next one, half as long
+again, moves its mean by less than 0.5 points.
 
     python experiments/convergence.py
 """
@@ -16,6 +17,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from readme import fill
 
 ROOT = Path(__file__).resolve().parents[1] / "experiments" / "results" / "convergence"
 
@@ -76,6 +78,7 @@ def main() -> None:
     runs = load(ROOT)
     text = table(runs)
     (ROOT / "table.md").write_text(text)
+    fill("convergence table", text)
     plot(runs, ROOT / "accuracy_vs_epochs.png")
     print(text)
 

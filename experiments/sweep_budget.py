@@ -59,6 +59,12 @@ PROTOCOLS = {
     "full": {"student": "resnet8", "epochs": 240, "lr": 0.05, "scheduler": "plateau", "batch_size": 64},
 }
 ROOT = Path(__file__).resolve().parents[1]
+# The README's result blocks (``--readme``): name -> (methods, budgets; None: every budget run).
+README_BLOCKS = {
+    "budget sweep table": (GRID, None),
+    "ckd evidence table": (("ce", "kd", "ckd", "ckd_average", "ckd_mixup", "crd", "hint", "ckd_hint", "vid",
+                            "ckd_vid", "cc", "ckd_cc", "gpd", "gpd_ckd", "gpd_scratch"), (2000,)),
+}
 
 
 def _cache_dir(cache_root: Path, seed: int, features: bool = False) -> Path:
@@ -217,55 +223,69 @@ def _dynamic_teacher_results(model, dm, test: dict) -> dict:
     return {"dt_test_acc": test["test/dt_acc"], "extracted_max_abs_diff": float(gap)}
 
 
-def report(out: Path) -> str:
-    """Rebuild ``table.md``, ``table.csv`` and ``accuracy_vs_budget.png`` from the stored runs."""
+def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int] | None = None) -> tuple[str, str]:
+    """Markdown and CSV of ``runs``: per method (and GPD's dynamic teacher, ``<method>/dt``) and budget, mean ± std
+    test accuracy over seeds, the number of seeds and the mean fit time per run; only ``methods`` / ``budgets``
+    when given (in the order given)."""
     import numpy as np
 
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    budgets = sorted({r["budget"] for r in runs})
+    budgets = budgets or sorted({r["budget"] for r in runs})
     names = {r["method"] for r in runs}
-    methods = [m for m in METHODS if m in names] + sorted(names - set(METHODS))
-    rows = []  # (row label, method, result key): GPD's dynamic teacher gets a row of its own
+    methods = [m for m in (methods or [*METHODS, *sorted(names - set(METHODS))]) if m in names]
+    rows = []  # (row label, method, result key)
     for m in methods:
         rows.append((m, m, "test_acc"))
         if any("dt_test_acc" in r for r in runs if r["method"] == m):
             rows.append((f"{m}/dt", m, "dt_test_acc"))
-    stats = {}
-    for row, m, key in rows:
-        for b in budgets:
-            accs = [100 * r[key] for r in runs if r["method"] == m and r["budget"] == b and key in r]
-            if accs:
-                stats[row, b] = (float(np.mean(accs)), float(np.std(accs)), len(accs))
     lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
-    csv = ["method,budget,mean_test_acc,std_test_acc,seeds"]
-    for m, _, _ in rows:
+    csv = ["method,budget,mean_test_acc,std_test_acc,seeds,mean_fit_seconds"]
+    for row, m, key in rows:
         cells = []
         for b in budgets:
-            if (m, b) in stats:
-                mean, std, n = stats[m, b]
-                cells.append(f"{mean:.2f} ± {std:.2f} (n={n})")
-                csv.append(f"{m},{b},{mean:.3f},{std:.3f},{n}")
-            else:
+            cell = [r for r in runs if r["method"] == m and r["budget"] == b and key in r]
+            if not cell:
                 cells.append("–")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    wall = sum(r["fit_seconds"] for r in runs)
+                continue
+            acc, fit = np.array([100 * r[key] for r in cell]), np.mean([r["fit_seconds"] for r in cell])
+            cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}, {fit / 60:.0f} min)")
+            csv.append(f"{row},{b},{acc.mean():.3f},{acc.std():.3f},{len(acc)},{fit:.1f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    used = [r for r in runs if r["method"] in methods and r["budget"] in budgets]
     dt_note = " (`<method>/dt`: a GPD run's dynamic teacher)" if any("/" in row for row, _, _ in rows) else ""
-    table = (
-        "\n".join(lines)
-        + f"\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds{dt_note}; {len(runs)} runs, "
-        f"{wall / 3600:.2f} h of fit time in all.\n"
-    )
-    (out / "table.md").write_text(table)
-    (out / "table.csv").write_text("\n".join(csv) + "\n")
+    text = ("\n".join(lines) + "\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds "
+            f"(n; mean fit time per run){dt_note}; {len(used)} runs, "
+            f"{sum(r['fit_seconds'] for r in used) / 3600:.2f} h of fit time in all.\n")
+    return text, "\n".join(csv) + "\n"
+
+
+def report(out: Path, readme: bool = False) -> str:
+    """Rebuild ``table.md``, ``table.csv`` and ``accuracy_vs_budget.png`` from the stored runs; with ``readme``, the
+    README's blocks of :data:`README_BLOCKS` too."""
+    import numpy as np
+
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    text, csv = table(runs)
+    (out / "table.md").write_text(text)
+    (out / "table.csv").write_text(csv)
+    if readme:
+        from readme import fill
+
+        for block, (methods, budgets) in README_BLOCKS.items():
+            fill(block, table(runs, list(methods), list(budgets) if budgets else None)[0])
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    budgets = sorted({r["budget"] for r in runs})
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in [m for m in GRID if m in methods]:  # the default grid's methods; CKD's lines thicker
-        pts = [(b, *stats[m, b][:2]) for b in budgets if (m, b) in stats]
+    for m in GRID:  # the default grid's methods; CKD's lines thicker
+        pts = []
+        for b in budgets:
+            accs = [100 * r["test_acc"] for r in runs if r["method"] == m and r["budget"] == b]
+            if accs:
+                pts.append((b, np.mean(accs), np.std(accs)))
         if pts:
             b_, mean, std = zip(*pts)
             ax.errorbar(b_, mean, yerr=std, marker="o", capsize=3, label=m, lw=2 if m.startswith("ckd") else 1)
@@ -280,7 +300,7 @@ def report(out: Path) -> str:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_budget.png", dpi=120)
-    return table
+    return text
 
 
 def _done(path: Path, cfg: dict) -> bool:
@@ -318,6 +338,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "budget_sweep")
     p.add_argument("--cache-root", type=Path, default=None, help="default: $LKD_CACHE_DIR/sweep_budget")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--readme", action="store_true", help="also write the tables into README.md's result blocks")
     args = p.parse_args()
     cfg = dict(PROTOCOLS[args.protocol], protocol=args.protocol, accelerator=args.accelerator)
     if args.epochs:
@@ -325,7 +346,7 @@ def main() -> None:
     out = args.out / args.protocol
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        print(report(out))
+        print(report(out, args.readme))
         return
 
     from lightning_kd.data.cifar import default_cache_dir
@@ -355,8 +376,8 @@ def main() -> None:
                 f"({r['fit_seconds']:.0f} s, {r['new_teacher_calls']} new teacher calls)",
                 flush=True,
             )
-            report(out)
-    print(report(out))
+            report(out, args.readme)
+    print(report(out, args.readme))
 
 
 if __name__ == "__main__":

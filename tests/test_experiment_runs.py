@@ -92,3 +92,25 @@ sweep_budget.run_one(64, "kd", 0, {cfg!r}, sweep_budget.Path({str(out)!r}), swee
     assert r["val_acc_curve"][:2] == [round(a, 4) for a in cut["acc"]] and len(r["val_acc_curve"]) == 3
     assert r["fit_seconds"] > cut["seconds"]
     assert not last.exists() and (out / "runs" / "64-kd-0.json").exists()
+
+
+def test_readme_blocks_are_replaced_between_their_markers_and_a_missing_one_is_named(tmp_path):
+    import readme
+
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- t: make.py -->\nold\nrows\n<!-- /t -->\nafter\n<!-- u -->\nx\n<!-- /u -->\n")
+    readme.fill("t", "| new |\n", doc)
+    assert doc.read_text() == "intro\n<!-- t: make.py -->\n| new |\n<!-- /t -->\nafter\n<!-- u -->\nx\n<!-- /u -->\n"
+    with pytest.raises(SystemExit, match="no block <!-- v: ... -->"):
+        readme.fill("v", "y", doc)
+
+
+def test_the_sweep_table_keeps_the_methods_and_budgets_asked_for():
+    def run(method, budget, seed, acc):
+        return {"method": method, "budget": budget, "seed": seed, "test_acc": acc / 100, "fit_seconds": 600.0}
+
+    runs = [run("kd", 1000, 0, 50.0), run("kd", 2000, 0, 60.0), run("kd", 2000, 1, 62.0), run("ce", 2000, 0, 55.0)]
+    text, csv = sweep_budget.table(runs, ["kd", "dist"], [2000])
+    assert text.splitlines()[:3] == ["| method | budget 2000 |", "|---|---|", "| kd | 61.00 ± 1.00 (n=2, 10 min) |"]
+    assert "| ce |" not in text and "| dist |" not in text and "2 runs" in text
+    assert csv.splitlines()[1] == "kd,2000,61.000,1.000,2,600.0"
