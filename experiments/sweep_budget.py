@@ -2,16 +2,17 @@
 
 Every run trains a student on ``budget`` training images whose teacher outputs are cached (the shared ResNet-20
 teacher, one fixed augmented view per image) and reports test accuracy at the best-validation checkpoint. Runs
-are resumable: each finished run is stored as ``<out>/runs/<budget>-<method>-<seed>.json`` and skipped next time,
-so the grid can be spread over sessions. The table (markdown + CSV) and the plot are rebuilt from whatever runs
-exist.
+are resumable: each finished run is stored as ``<out>/runs/<budget>-<method>-<seed>.json`` and skipped next time
+(one stored under another protocol is refused), and a run cut off mid-way resumes from its last finished epoch
+(``<out>/ckpt/<name>/last.ckpt``), so the grid can be spread over sessions. The table (markdown + CSV) and the
+plot are rebuilt from whatever runs exist; ``--readme`` writes the tables into README.md too.
 
     python experiments/sweep_budget.py                      # the CPU grid, 300 epochs (2 workers x 1 thread):
                                                             # ~13 / 27 min per KD / CKD run on one core at budget
                                                             # 2,000; ~25-30 core-hours for the 72 runs
     python experiments/sweep_budget.py --protocol quick     # the first sweep's 15 epochs (not converged)
     python experiments/sweep_budget.py --protocol full      # the official protocol, for GPUs
-    python experiments/sweep_budget.py --report-only        # rebuild table and plot
+    python experiments/sweep_budget.py --report-only        # rebuild table and plot (--readme: README too)
 
 Methods (the registry ``experiments/methods.py``: module, arguments, group size, features). The default grid:
 ce (no teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), ckd (:class:`ComparativeDistillation`,
@@ -21,9 +22,8 @@ baselines hint, vid, cc and feature CKD ckd_hint, ckd_vid, ckd_cc; gpd, gpd_ckd 
 gpd_scratch (GPD without a teacher signal, on the same samples). Each run also stores its validation-accuracy
 curve and best epoch (the convergence evidence); GPD runs also the dynamic teacher's test accuracy at the same
 checkpoint (``dt_test_acc``; ``test_acc`` is the student's, i.e. the extracted student's). All use the same
-selected samples and one fixed teacher view each; an epoch is floor(budget / 64) batches of 64 samples (the last
-partial batch is dropped) or ceil(budget / 64) batches of 64 CKD tuples, as in the official code (at budget 2,000:
-31 vs 32 steps, 3% more for the tuple methods; not equalised, so as to keep the convergence runs comparable).
+selected samples and one fixed teacher view each, and the same optimizer steps: an epoch is budget // 64 batches
+of 64 samples or of 64 CKD tuples (31 at budget 2,000; the convergence probe's CKD runs predate this and took 32).
 Logit methods read the seed's logits cache (``seed<s>``: the ``.pt2`` teacher); feature methods read a features
 cache (``seed<s>-features``: the same teacher's weights as a module, with its four stage outputs recorded once for
 all of them). The plot shows the default grid's methods only.
