@@ -1,17 +1,25 @@
-"""Which samples to buy: selection strategies over rounds at a fixed teacher budget, CIFAR-10.
+"""Which samples to buy, and how many views of each: ways to spend a fixed teacher budget, CIFAR-10.
 
 Every run trains the ResNet-8 student with KD (or CKD) on ``budget`` teacher calls of the shared ResNet-20
-teacher, bought in ``rounds`` shares: a class-balanced random one before training, then one at each round's first
-epoch, chosen by the strategy from the student's scores of the samples not bought yet. Every run, whatever its
-strategy and rounds, trains the same number of steps (``budget // batch`` per epoch, drawn from what is bought so
-far), at the sweep's CPU protocol (``experiments/sweep_budget.py``, ``--epochs`` to override). Each (budget,
-method, strategy, rounds, seed) has a cache of its own, so its budget is really spent.
+teacher, at the sweep's CPU protocol (``experiments/sweep_budget.py``, ``--epochs`` to override), and trains the
+same number of steps whatever it buys (``budget // batch`` per epoch, drawn from what is bought so far). Two kinds
+of cell:
 
-Runs are resumable (``<out>/runs/<name>.json``, skipped when present); the table (markdown + CSV), with the
-per-round scoring cost, is rebuilt from whatever runs exist.
+* **strategies**: the budget bought in ``rounds`` shares, a class-balanced random one before training, then one at
+  each round's first epoch, chosen by the strategy from the student's scores of the samples not bought yet;
+* **views** (``--views``): ``V`` teacher views of ``budget // V`` random samples, the student trained on fresh
+  augmentations or on exactly the teacher's views (``matched``), all bought before training (V = 1 is the budget
+  sweep's KD cell: the same random samples and protocol).
 
-    python experiments/select_budget.py                          # the KD grid: 2 budgets x 6 strategies x 3 seeds
-    python experiments/select_budget.py --methods ckd --strategies margin --budgets 1000 2000
+Each run has a cache of its own, so its budget is really spent. Runs are resumable like the sweep's
+(``<out>/runs/<name>.json``, skipped when present under the same protocol; a run cut off resumes from its last
+epoch); the table (markdown + CSV, with the per-round scoring cost and, for every strategy run at two or more
+budgets, the teacher calls it needs to match class-balanced random at 2,000) and the plot are rebuilt from
+whatever runs exist; ``--readme`` writes the table into README.md too.
+
+    python experiments/select_budget.py                          # KD: 2 budgets x 6 strategies x 3 seeds
+    python experiments/select_budget.py --budgets 1500 --strategies margin   # a point more for calls-to-match
+    python experiments/select_budget.py --strategies --views 2 4  # the view cells only (budget 2,000)
     python experiments/select_budget.py --report-only
 """
 
@@ -24,49 +32,149 @@ import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from sweep_budget import PROTOCOLS, ROOT, _done, _stop_workers, run_one
 
 STRATEGIES = ("random", "class_balanced", "margin", "kcenter", "margin_kcenter", "badge")
+REFERENCE = ("class_balanced", 2000)  # what calls-to-match is measured against
 
 
-def run_name(budget: int, method: str, strategy: str, rounds: int, seed: int) -> str:
-    return f"{budget}-{method}-{strategy}-r{rounds}-{seed}"
+class Cell(NamedTuple):
+    """One table row: what a run buys and how it trains (seeds are the row's repeats)."""
+
+    budget: int
+    method: str
+    strategy: str
+    rounds: int
+    views: int = 1
+    matched: bool = False
+
+    def name(self, seed: int) -> str:
+        views = f"-v{self.views}{'matched' if self.matched else 'fresh'}" if self.views > 1 else ""
+        return f"{self.budget}-{self.method}-{self.strategy}-r{self.rounds}{views}-{seed}"
+
+    def datamodule_args(self) -> dict:
+        return dict(selection=self.strategy, rounds=self.rounds, views_per_sample=self.views,
+                    matched_views=self.matched)
+
+    @classmethod
+    def of(cls, run: dict) -> Cell:
+        s = run["selection"]
+        return cls(run["budget"], run["method"], s["selection"], s["rounds"], s.get("views_per_sample", 1),
+                   s.get("matched_views", False))
 
 
-def report(out: Path) -> str:
-    """Rebuild ``table.md`` and ``table.csv``: mean ± std test accuracy per cell, and scoring seconds per round."""
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    cells: dict[tuple, list[dict]] = {}
+def calls_to_match(means: dict[int, float], target: float) -> str:
+    """The budget at which the piecewise-linear curve through ``{budget: mean accuracy}`` first reaches ``target``
+    ("≤ b" when the smallest budget run already does, "> b" when the largest does not)."""
+    budgets = sorted(means)
+    if means[budgets[0]] >= target:
+        return f"≤ {budgets[0]}"
+    for lo, hi in zip(budgets, budgets[1:]):
+        if means[hi] >= target:
+            return f"{lo + (hi - lo) * (target - means[lo]) / (means[hi] - means[lo]):.0f}"
+    return f"> {budgets[-1]}"
+
+
+def table(runs: list[dict]) -> tuple[str, str]:
+    """Markdown and CSV: per cell the mean ± std test accuracy, seeds, scoring seconds per round and fit time;
+    then calls-to-match for every strategy run at two or more budgets."""
+    if not runs:
+        return "(not run yet)\n", ""
+    cells: dict[Cell, list[dict]] = {}
     for r in runs:
-        key = (r["budget"], r["method"], r["selection"]["selection"], r["selection"]["rounds"])
-        cells.setdefault(key, []).append(r)
-    lines = ["| budget | method | strategy | rounds | test acc (%) | seeds | scoring s / round | fit s |",
-             "|---|---|---|---|---|---|---|---|"]
-    csv = ["budget,method,strategy,rounds,mean_test_acc,std_test_acc,seeds,score_s_per_round,fit_s"]
-    for (b, m, s, r), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], STRATEGIES.index(kv[0][2])
-                                                                  if kv[0][2] in STRATEGIES else 99, kv[0][3])):
+        cells.setdefault(Cell.of(r), []).append(r)
+    order = sorted(cells, key=lambda c: (c.views > 1, c.budget, c.method, STRATEGIES.index(c.strategy)
+                                         if c.strategy in STRATEGIES else 99, c.rounds, c.views, c.matched))
+    lines = ["| budget | method | strategy | rounds | views | test acc (%) | seeds | scoring s / round | fit min |",
+             "|---" * 9 + "|"]
+    csv = ["budget,method,strategy,rounds,views,matched,mean_test_acc,std_test_acc,seeds,score_s_per_round,fit_s"]
+    means: dict[Cell, float] = {}
+    for c in order:
+        rs = cells[c]
         acc = np.array([100 * x["test_acc"] for x in rs])
-        score = [e["score_s"] for x in rs for e in x["rounds_log"] if not e["replayed"]]
+        means[c] = float(acc.mean())
+        # the rounds after the first (bought before training, never scored), not replayed on a resume
+        score = [e["score_s"] for x in rs for e in x["rounds_log"] if e["round"] > 0 and not e["replayed"]]
         score_s = float(np.mean(score)) if score else 0.0
         fit_s = float(np.mean([x["fit_seconds"] for x in rs]))
-        lines.append(f"| {b} | {m} | {s} | {r} | {acc.mean():.2f} ± {acc.std():.2f} | {len(rs)} | {score_s:.1f} | "
-                     f"{fit_s:.0f} |")
-        csv.append(f"{b},{m},{s},{r},{acc.mean():.3f},{acc.std():.3f},{len(rs)},{score_s:.2f},{fit_s:.1f}")
-    table = "\n".join(lines) + (f"\n\nTest accuracy at the best-validation checkpoint, mean ± std over seeds; "
-                                f"{len(runs)} runs.\n")
-    (out / "table.md").write_text(table)
-    (out / "table.csv").write_text("\n".join(csv) + "\n")
-    return table
+        views = f"{c.views} {'matched' if c.matched else 'fresh'}" if c.views > 1 else "1"
+        lines.append(f"| {c.budget} | {c.method} | {c.strategy} | {c.rounds} | {views} | {acc.mean():.2f} ± "
+                     f"{acc.std():.2f} | {len(rs)} | {score_s:.1f} | {fit_s / 60:.0f} |")
+        csv.append(f"{c.budget},{c.method},{c.strategy},{c.rounds},{c.views},{c.matched},{acc.mean():.3f},"
+                   f"{acc.std():.3f},{len(rs)},{score_s:.2f},{fit_s:.1f}")
+    text = "\n".join(lines) + ("\n\nTest accuracy at the best-validation checkpoint, mean ± std over seeds; "
+                               f"{len(runs)} runs.\n")
+    match = []
+    for method, rounds in sorted({(c.method, c.rounds) for c in means if c.views == 1}):
+        ref = Cell(REFERENCE[1], method, REFERENCE[0], rounds)
+        if ref not in means:
+            continue
+        for strategy in STRATEGIES:
+            curve = {c.budget: m for c, m in means.items() if c[1:] == (method, strategy, rounds, 1, False)}
+            if len(curve) >= 2:
+                match.append(f"{strategy} ({method}, {rounds} rounds; run at {', '.join(map(str, sorted(curve)))}): "
+                             f"{calls_to_match(curve, means[ref])}")
+    if match:
+        text += (f"\nTeacher calls needed to match {REFERENCE[0]} at {REFERENCE[1]} (linear between the budgets run): "
+                 + "; ".join(match) + ".\n")
+    return text, "\n".join(csv) + "\n"
+
+
+def report(out: Path, readme: bool = False) -> str:
+    """Rebuild ``table.md``, ``table.csv`` and ``accuracy_vs_budget.png`` from the stored runs (and README.md's
+    selection block with ``readme``)."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    text, csv = table(runs)
+    (out / "table.md").write_text(text)
+    (out / "table.csv").write_text(csv)
+    if readme:
+        from readme import fill
+
+        fill("selection table", text)
+    plot(runs, out / "accuracy_vs_budget.png")
+    return text
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """Accuracy vs budget per (method, strategy) of the strategy cells, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for r in runs:
+        c = Cell.of(r)
+        if c.views == 1:
+            lines.setdefault((c.method, c.strategy), {}).setdefault(c.budget, []).append(100 * r["test_acc"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (method, strategy), points in sorted(lines.items()):
+        b = sorted(points)
+        ax.errorbar(b, [np.mean(points[x]) for x in b], yerr=[np.std(points[x]) for x in b], marker="o", capsize=3,
+                    label=f"{method}, {strategy}", lw=2 if "random" in strategy or "balanced" in strategy else 1)
+    ax.set_xlabel("teacher calls (budget)")
+    ax.set_ylabel("CIFAR-10 test accuracy (%)")
+    ax.set_title("Choosing what the teacher sees (ResNet-8 student)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000])
     p.add_argument("--methods", nargs="+", default=["kd"], choices=("kd", "ckd", "ckd_kl3"))
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    p.add_argument("--strategies", nargs="*", default=list(STRATEGIES), help="none: the view cells only")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--views", type=int, nargs="*", default=[], help="view cells: V views per sample, fresh and "
+                   "matched, KD, random samples, one round, at --views-budget")
+    p.add_argument("--views-budget", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--protocol", choices=PROTOCOLS, default="cpu")
     p.add_argument("--epochs", type=int, help="override the protocol's epochs")
@@ -76,6 +184,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "select_budget")
     p.add_argument("--cache-root", type=Path, default=None, help="default: $LKD_CACHE_DIR/select_budget")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--readme", action="store_true", help="also write the table into README.md's selection block")
     args = p.parse_args()
     cfg = dict(PROTOCOLS[args.protocol], protocol=args.protocol, accelerator=args.accelerator)
     if args.epochs:
@@ -83,35 +192,30 @@ def main() -> None:
     out = args.out / args.protocol
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        print(report(out))
+        print(report(out, args.readme))
         return
     from lightning_kd.data.cifar import default_cache_dir
 
     cache_root = args.cache_root or default_cache_dir() / "select_budget"
-    todo = []
-    for seed in args.seeds:
-        for b in args.budgets:
-            for m in args.methods:
-                for s in args.strategies:
-                    name = run_name(b, m, s, args.rounds, seed)
-                    if not _done(out / "runs" / f"{name}.json", cfg):
-                        todo.append((b, m, s, seed, name))
+    cells = [Cell(b, m, s, args.rounds) for b in args.budgets for m in args.methods for s in args.strategies]
+    cells += [Cell(args.views_budget, "kd", "random", 1, v, matched) for v in args.views for matched in (False, True)
+              if v > 1]
+    todo = [(c, seed) for seed in args.seeds for c in cells if not _done(out / "runs" / f"{c.name(seed)}.json", cfg)]
     print(f"{len(todo)} runs to do ({args.workers} workers x {args.threads} threads); results in {out}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     signal.signal(signal.SIGTERM, _stop_workers)  # kill stops the runs in flight too
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         futures = [
-            pool.submit(run_one, b, m, seed, cfg, out, cache_root, args.threads, name=name,
-                        cache_dir=cache_root / name, selection=s, rounds=args.rounds)
-            for b, m, s, seed, name in todo
+            pool.submit(run_one, c.budget, c.method, seed, cfg, out, cache_root, args.threads, name=c.name(seed),
+                        cache_dir=cache_root / c.name(seed), **c.datamodule_args())
+            for c, seed in todo
         ]
         for fut in as_completed(futures):
             r = fut.result()
-            print(f"{r['budget']} {r['method']} {r['selection']['selection']} seed {r['seed']}: test acc "
-                  f"{100 * r['test_acc']:.2f}% ({r['fit_seconds']:.0f} s, {r['new_teacher_calls']} teacher calls)",
-                  flush=True)
-            report(out)
-    print(report(out))
+            print(f"{Cell.of(r).name(r['seed'])}: test acc {100 * r['test_acc']:.2f}% ({r['fit_seconds']:.0f} s, "
+                  f"{r['new_teacher_calls']} teacher calls)", flush=True)
+            report(out, args.readme)
+    print(report(out, args.readme))
 
 
 if __name__ == "__main__":

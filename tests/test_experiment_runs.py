@@ -1,6 +1,7 @@
 """The experiment runners end to end at toy size: a sweep run stores what its table and the README read (KD and
-GPD, the latter with its dynamic teacher and an exact extraction), the table is rebuilt from the runs, and the
-convergence table pairs its changes by seed."""
+GPD, the latter with its dynamic teacher and an exact extraction), the table is rebuilt from the runs, a run cut
+off resumes, the convergence table pairs its changes by seed, and the selection experiment's cells (rounds,
+views) run and are tabled with their calls-to-match."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import convergence  # noqa: E402
+import select_budget  # noqa: E402
 import sweep_budget  # noqa: E402
 
 
@@ -114,3 +116,34 @@ def test_the_sweep_table_keeps_the_methods_and_budgets_asked_for():
     assert text.splitlines()[:3] == ["| method | budget 2000 |", "|---|---|", "| kd | 61.00 ± 1.00 (n=2, 10 min) |"]
     assert "| ce |" not in text and "| dist |" not in text and "2 runs" in text
     assert csv.splitlines()[1] == "kd,2000,61.000,1.000,2,600.0"
+
+
+def test_calls_to_match_interpolates_between_the_budgets_run():
+    means = {1000: 60.0, 1500: 64.0, 2000: 66.0}
+    assert select_budget.calls_to_match(means, 65.0) == "1750"  # halfway from 64 (1,500) to 66 (2,000)
+    assert select_budget.calls_to_match(means, 62.0) == "1250"
+    assert select_budget.calls_to_match(means, 59.0) == "≤ 1000"
+    assert select_budget.calls_to_match(means, 67.0) == "> 2000"
+
+
+def test_a_view_cell_runs_and_selection_cells_are_tabled_with_calls_to_match(runs):
+    tmp, _ = runs
+    cfg = dict(sweep_budget.PROTOCOLS["cpu"], epochs=1, accelerator="cpu", protocol="cpu")
+    cell = select_budget.Cell(64, "kd", "random", 1, views=2, matched=True)
+    r = sweep_budget.run_one(64, "kd", 0, cfg, tmp / "select", tmp / "cache", 1, name=cell.name(0),
+                             cache_dir=tmp / "select-cache" / cell.name(0), **cell.datamodule_args())
+    assert select_budget.Cell.of(r) == cell and r["new_teacher_calls"] == 64 and r["steps"] == 1
+    assert r["train_samples"] == 32  # 64 calls = 32 samples x 2 views
+
+    def strategy_run(budget, strategy, seed, acc):  # what a rounds run stores (see run_one)
+        log = [{"round": 0, "replayed": False, "score_s": 0.0}, {"round": 1, "replayed": False, "score_s": 3.0}]
+        return {"budget": budget, "method": "kd", "seed": seed, "test_acc": acc / 100, "fit_seconds": 60.0,
+                "selection": {"selection": strategy, "rounds": 4}, "rounds_log": log}
+
+    done = [strategy_run(2000, "class_balanced", 0, 65.0), strategy_run(2000, "class_balanced", 1, 67.0),
+            strategy_run(1000, "margin", 0, 62.0), strategy_run(2000, "margin", 0, 68.0), r]
+    text, csv = select_budget.table(done)
+    assert "| 2000 | kd | class_balanced | 4 | 1 | 66.00 ± 1.00 | 2 | 3.0 | 1 |" in text
+    assert "| 64 | kd | random | 1 | 2 matched |" in text and len(csv.splitlines()) == 5
+    # class-balanced at 2,000: 66.0; margin goes 62 -> 68 from 1,000 to 2,000 calls: 66.0 at 1,667
+    assert "margin (kd, 4 rounds; run at 1000, 2000): 1667" in text
