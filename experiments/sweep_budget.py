@@ -187,6 +187,8 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
     }
     Path(ckpt.best_model_path).unlink(missing_ok=True)
     last.unlink(missing_ok=True)
+    if not any(last.parent.iterdir()):
+        last.parent.rmdir()
     path = out / "runs" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
