@@ -163,7 +163,7 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
     trainer = _trainer(cfg["epochs"], [ckpt, every_epoch, curve], cfg.get("accelerator", "cpu"))
     trainer.fit(model, dm, ckpt_path=resume)
     fit_s = curve.elapsed()
-    test = trainer.test(model, dm, ckpt_path="best", verbose=False)[0]
+    test = trainer.test(model, dm, ckpt_path=ckpt.best_model_path, verbose=False)[0]  # the best, not the last
     result = {
         "budget": budget,
         "method": method,
