@@ -12,7 +12,7 @@ cache holds the budget):
 * ``ce``: :class:`Supervised` (cross-entropy, no teacher).
 
 All three use gpd_vit.yaml's optimizer (AdamW, LR, weight decay, cosine schedule per step) and batch size, the
-same epochs and the same steps per epoch (ceil(budget / batch size)). Wall time per epoch (training + validation)
+same epochs and the same steps per epoch (budget // batch size). Wall time per epoch (training + validation)
 is measured by a callback. Runs are resumable: each finished run is ``<out>/runs/<method>-d<depth>w<width>h<heads>-
 b<budget>-e<epochs>-s<seed>.json`` and skipped next time; ``<out>/table.md`` is rebuilt from whatever runs exist.
 
