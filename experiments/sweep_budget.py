@@ -139,9 +139,10 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
             return {"acc": self.acc, "seconds": self.elapsed(), "protocol": cfg}
 
         def load_state_dict(self, state: dict) -> None:
-            if state["protocol"] != cfg:
-                raise SystemExit(f"{last} was saved under another protocol ({state['protocol']}, now {cfg}); "
-                                 "delete it to start the run again")
+            differs = _protocol_differences(state["protocol"], cfg)
+            if differs:
+                raise SystemExit(f"{last} was saved under another protocol ({differs}); delete it to start the run "
+                                 "again")
             self.acc, self.seconds, self.start = list(state["acc"]), state["seconds"], time.perf_counter()
 
     L.seed_everything(seed, workers=True, verbose=False)
@@ -305,15 +306,24 @@ def report(out: Path, readme: bool = False) -> str:
     return text
 
 
+# How a run is computed, not what it computes (the same training up to float rounding): runs that differ only in
+# these are the same experiment (the probe's first KD runs predate channels_last and the evaluation batch of 128).
+EXECUTION_KEYS = frozenset({"accelerator", "channels_last", "eval_batch_size"})
+
+
+def _protocol_differences(stored: dict, cfg: dict) -> str:
+    """The protocol keys whose values differ (execution keys aside), as ``key: stored there, cfg now``; "" if none."""
+    keys = sorted(k for k in (cfg.keys() | stored.keys()) - EXECUTION_KEYS if cfg.get(k) != stored.get(k))
+    return ", ".join(f"{k}: {stored.get(k)!r} there, {cfg.get(k)!r} now" for k in keys)
+
+
 def _done(path: Path, cfg: dict) -> bool:
     """Whether the run's JSON exists; one stored under another protocol is refused, never mixed into the table."""
     if not path.exists():
         return False
-    stored = json.loads(path.read_text()).get("protocol", {})
-    differs = sorted(k for k in cfg.keys() | stored.keys() if cfg.get(k) != stored.get(k))
+    differs = _protocol_differences(json.loads(path.read_text()).get("protocol", {}), cfg)
     if differs:
-        what = ", ".join(f"{k}: {stored.get(k)!r} there, {cfg.get(k)!r} now" for k in differs)
-        raise SystemExit(f"{path} was run under another protocol ({what}); use another --out or move it away")
+        raise SystemExit(f"{path} was run under another protocol ({differs}); use another --out or move it away")
     return True
 
 

@@ -58,6 +58,9 @@ def test_a_stored_run_counts_as_done_only_under_the_same_protocol(runs):
     assert not sweep_budget._done(runs / "64-kd-1.json", cfg)  # never run
     with pytest.raises(SystemExit, match=r"another protocol \(epochs: 1 there, 300 now\)"):
         sweep_budget._done(runs / "64-kd-0.json", dict(cfg, epochs=300))
+    # how it was computed is not the protocol: another layout, evaluation batch or accelerator is the same run
+    assert sweep_budget._done(runs / "64-kd-0.json", dict(cfg, channels_last=False, eval_batch_size=512,
+                                                          accelerator="auto"))
 
 
 def test_a_run_cut_off_after_an_epoch_resumes_from_its_last_checkpoint(runs):
