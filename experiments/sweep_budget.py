@@ -258,6 +258,13 @@ def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int]
     text = ("\n".join(lines) + "\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds "
             f"(n; mean fit time per run){dt_note}; {len(used)} runs, "
             f"{sum(r['fit_seconds'] for r in used) / 3600:.2f} h of fit time in all.\n")
+    spans = []  # where the best-validation epoch fell: a converged run peaks before its last epoch
+    for m in methods:
+        best = [(r["best_epoch"], r["epochs"]) for r in used if r["method"] == m and "best_epoch" in r]
+        if best:
+            spans.append(f"{m} {min(b for b, _ in best)}–{max(b for b, _ in best)} of {max(e for _, e in best)}")
+    if spans:
+        text += f"Best-validation epochs (min–max over runs): {', '.join(spans)}.\n"
     return text, "\n".join(csv) + "\n"
 
 

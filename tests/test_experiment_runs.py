@@ -111,14 +111,17 @@ def test_readme_blocks_are_replaced_between_their_markers_and_a_missing_one_is_n
 
 
 def test_the_sweep_table_keeps_the_methods_and_budgets_asked_for():
-    def run(method, budget, seed, acc):
-        return {"method": method, "budget": budget, "seed": seed, "test_acc": acc / 100, "fit_seconds": 600.0}
+    def run(method, budget, seed, acc, best_epoch=10):
+        return {"method": method, "budget": budget, "seed": seed, "test_acc": acc / 100, "fit_seconds": 600.0,
+                "best_epoch": best_epoch, "epochs": 20}
 
-    runs = [run("kd", 1000, 0, 50.0), run("kd", 2000, 0, 60.0), run("kd", 2000, 1, 62.0), run("ce", 2000, 0, 55.0)]
+    runs = [run("kd", 1000, 0, 50.0), run("kd", 2000, 0, 60.0, 12), run("kd", 2000, 1, 62.0, 17),
+            run("ce", 2000, 0, 55.0)]
     text, csv = sweep_budget.table(runs, ["kd", "dist"], [2000])
     assert text.splitlines()[:3] == ["| method | budget 2000 |", "|---|---|", "| kd | 61.00 ± 1.00 (n=2, 10 min) |"]
     assert "| ce |" not in text and "| dist |" not in text and "2 runs" in text
     assert csv.splitlines()[1] == "kd,2000,61.000,1.000,2,600.0"
+    assert "Best-validation epochs (min–max over runs): kd 12–17 of 20." in text
 
 
 def test_calls_to_match_interpolates_between_the_budgets_run():
