@@ -290,7 +290,7 @@ def report(out: Path, readme: bool = False) -> str:
 
     budgets = sorted({r["budget"] for r in runs})
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in GRID:  # the default grid's methods; CKD's lines thicker
+    for m in GRID:  # the default grid's methods
         pts = []
         for b in budgets:
             accs = [100 * r["test_acc"] for r in runs if r["method"] == m and r["budget"] == b]
@@ -298,7 +298,9 @@ def report(out: Path, readme: bool = False) -> str:
                 pts.append((b, np.mean(accs), np.std(accs)))
         if pts:
             b_, mean, std = zip(*pts)
-            ax.errorbar(b_, mean, yerr=std, marker="o", capsize=3, label=m, lw=2 if m.startswith("ckd") else 1)
+            style = dict(lw=2, marker="s" if m == "ckd" else "^", ls="-" if m == "ckd" else "--") if m.startswith(
+                "ckd") else dict(lw=1, marker="o")  # the CKD releases stand out, and apart from each other
+            ax.errorbar(b_, mean, yerr=std, capsize=3, label=m, **style)
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(budgets, [str(b) for b in budgets])
