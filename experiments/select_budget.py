@@ -212,6 +212,8 @@ def main() -> None:
         ]
         for fut in as_completed(futures):
             r = fut.result()
+            if r is None:  # another process is training it
+                continue
             print(f"{Cell.of(r).name(r['seed'])}: test acc {100 * r['test_acc']:.2f}% ({r['fit_seconds']:.0f} s, "
                   f"{r['new_teacher_calls']} teacher calls)", flush=True)
             report(out, args.readme)

@@ -99,6 +99,40 @@ sweep_budget.run_one(64, "kd", 0, {cfg!r}, sweep_budget.Path({str(out)!r}), swee
     assert not last.parent.exists() and (out / "runs" / "64-kd-0.json").exists()  # checkpoints gone once stored
 
 
+def test_two_sweeps_started_at_once_train_a_run_once(runs):
+    """Two processes asked for the same run at the same instant (two sweeps over one --out): one trains it and
+    stores its JSON, the other skips it (None) or, if it comes after the first finished, returns the stored run."""
+    import subprocess
+    import time
+
+    tmp, _ = runs
+    cfg = dict(sweep_budget.PROTOCOLS["cpu"], epochs=1, accelerator="cpu", protocol="cpu")
+    out, cache = tmp / "overlap", tmp / "cache"
+    start = time.time() + 15  # both children import Lightning first, then start together
+    child = f"""
+import json, sys, time
+sys.path.insert(0, {str(Path(sweep_budget.__file__).parent)!r})
+import sweep_budget
+train = sweep_budget._train
+def counted(*args):
+    print("TRAINED", flush=True)
+    return train(*args)
+sweep_budget._train = counted
+time.sleep(max({start!r} - time.time(), 0))
+r = sweep_budget.run_one(64, "kd", 0, {cfg!r}, sweep_budget.Path({str(out)!r}), sweep_budget.Path({str(cache)!r}), 1)
+print("RESULT", json.dumps(r))
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outputs]
+    assert sum(o.count("TRAINED") for o, _ in outputs) == 1
+    stored = json.loads((out / "runs" / "64-kd-0.json").read_text())
+    results = [json.loads(o.split("RESULT ", 1)[1]) for o, _ in outputs]
+    assert stored in results and all(r in (None, stored) for r in results)
+    assert not (out / "ckpt" / "64-kd-0.lock").exists() and not (out / "ckpt" / "64-kd-0").exists()
+
+
 def test_readme_blocks_are_replaced_between_their_markers_and_a_missing_one_is_named(tmp_path):
     import readme
 
