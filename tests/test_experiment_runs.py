@@ -43,11 +43,13 @@ def test_convergence_changes_are_paired_by_seed():
     def run(seed, acc):
         return {"seed": seed, "test_acc": acc / 100, "best_epoch": 1}
 
-    runs = {("kd", 100): [run(0, 60.0), run(1, 64.0), run(2, 62.0)], ("kd", 150): [run(0, 61.0), run(2, 62.5)]}
+    runs = {("kd", 2000, 100): [run(0, 60.0), run(1, 64.0), run(2, 62.0)],
+            ("kd", 2000, 150): [run(0, 61.0), run(2, 62.5)], ("kd", 1000, 150): [run(0, 50.0)]}
     rows = convergence.table(runs).splitlines()
-    assert rows[2].startswith("| kd | 100 | 62.00 ± 1.63 | 0: 60.00, 1: 64.00, 2: 62.00 | – |")
+    assert rows[2].startswith("| kd | 1000 | 150 | 50.00 ± 0.00 | 0: 50.00 | – |")  # another budget: no pairing
+    assert rows[3].startswith("| kd | 2000 | 100 | 62.00 ± 1.63 | 0: 60.00, 1: 64.00, 2: 62.00 | – |")
     # the means of different seed sets differ by -0.25; paired over seeds 0 and 2 the change is (1.0 + 0.5) / 2
-    assert rows[3].startswith("| kd | 150 | 61.75 ± 0.75 | 0: 61.00, 2: 62.50 | +0.75 (n=2) |")
+    assert rows[4].startswith("| kd | 2000 | 150 | 61.75 ± 0.75 | 0: 61.00, 2: 62.50 | +0.75 (n=2) |")
 
 
 def test_a_stored_run_counts_as_done_only_under_the_same_protocol(runs):
