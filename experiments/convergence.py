@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from figures import accuracy_axes, save
 from readme import fill
 
 ROOT = Path(__file__).resolve().parents[1] / "experiments" / "results" / "convergence"
@@ -56,24 +57,13 @@ def table(runs: dict[Key, list[dict]]) -> str:
 
 
 def plot(runs: dict[Key, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = accuracy_axes()
     for method, budget in sorted({(m, b) for m, b, _ in runs}):
         epochs = sorted(e for m, b, e in runs if (m, b) == (method, budget))
         accs = [[100 * r["test_acc"] for r in runs[method, budget, e]] for e in epochs]
         ax.errorbar(epochs, [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs], marker="o", capsize=3,
                     label=f"{method}, budget {budget:,} (mean ± std over seeds)")
-    ax.set_xlabel("epochs (cosine schedule over the whole run)")
-    ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title("ResNet-20 teacher → ResNet-8 student, CIFAR-10")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, ax, path, "epochs (cosine schedule over the whole run)", "ResNet-20 teacher → ResNet-8 student, CIFAR-10")
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from figures import accuracy_axes, save
 from sweep_budget import PROTOCOLS, ROOT, _done, _stop_workers, run_one
 
 STRATEGIES = ("random", "class_balanced", "margin", "kcenter", "margin_kcenter", "badge")
@@ -140,30 +141,17 @@ def report(out: Path, readme: bool = False) -> str:
 
 def plot(runs: list[dict], path: Path) -> None:
     """Accuracy vs budget per (method, strategy) of the strategy cells, mean ± std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines: dict[tuple[str, str], dict[int, list[float]]] = {}
     for r in runs:
         c = Cell.of(r)
         if c.views == 1:
             lines.setdefault((c.method, c.strategy), {}).setdefault(c.budget, []).append(100 * r["test_acc"])
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = accuracy_axes()
     for (method, strategy), points in sorted(lines.items()):
         b = sorted(points)
         ax.errorbar(b, [np.mean(points[x]) for x in b], yerr=[np.std(points[x]) for x in b], marker="o", capsize=3,
                     label=f"{method}, {strategy}", lw=2 if "random" in strategy or "balanced" in strategy else 1)
-    ax.set_xlabel("teacher calls (budget)")
-    ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title("Choosing what the teacher sees (ResNet-8 student)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, ax, path, "teacher calls (budget)", "Choosing what the teacher sees (ResNet-8 student)")
 
 
 def main() -> None:

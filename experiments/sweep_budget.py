@@ -46,6 +46,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:  # the method registry beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from methods import FEATURE_TEACHER, GRID, LOGITS_TEACHER, METHODS, TEACHER_FEATURES  # noqa: E402
+from sweep_report import report  # noqa: E402
 
 PROTOCOLS = {
     # CPU: small student, cosine schedule. channels_last and evaluation batches of 128 make a run ~1.3x faster on
@@ -60,12 +61,7 @@ PROTOCOLS = {
     "full": {"student": "resnet8", "epochs": 240, "lr": 0.05, "scheduler": "plateau", "batch_size": 64},
 }
 ROOT = Path(__file__).resolve().parents[1]
-# The README's result blocks (``--readme``): name -> (methods, budgets; None: every budget run).
-README_BLOCKS = {
-    "budget sweep table": (GRID, None),
-    "ckd evidence table": (("ce", "kd", "ckd", "ckd_average", "ckd_mixup", "crd", "hint", "ckd_hint", "vid",
-                            "ckd_vid", "cc", "ckd_cc", "gpd", "gpd_ckd", "gpd_scratch"), (2000,)),
-}
+
 
 
 def _cache_dir(cache_root: Path, seed: int, features: bool = False) -> Path:
@@ -248,95 +244,6 @@ def _dynamic_teacher_results(model, dm, test: dict) -> dict:
     with torch.no_grad():
         gap = (extract_student(model.dynamic_teacher).eval()(x) - model(x)).abs().max()
     return {"dt_test_acc": test["test/dt_acc"], "extracted_max_abs_diff": float(gap)}
-
-
-def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int] | None = None) -> tuple[str, str]:
-    """Markdown and CSV of ``runs``: per method (and GPD's dynamic teacher, ``<method>/dt``) and budget, mean ± std
-    test accuracy over seeds, the number of seeds and the mean fit time per run; only ``methods`` / ``budgets``
-    when given (in the order given)."""
-    import numpy as np
-
-    budgets = budgets or sorted({r["budget"] for r in runs})
-    names = {r["method"] for r in runs}
-    methods = [m for m in (methods or [*METHODS, *sorted(names - set(METHODS))]) if m in names]
-    rows = []  # (row label, method, result key)
-    for m in methods:
-        rows.append((m, m, "test_acc"))
-        if any("dt_test_acc" in r for r in runs if r["method"] == m):
-            rows.append((f"{m}/dt", m, "dt_test_acc"))
-    lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
-    csv = ["method,budget,mean_test_acc,std_test_acc,seeds,mean_fit_seconds"]
-    for row, m, key in rows:
-        cells = []
-        for b in budgets:
-            cell = [r for r in runs if r["method"] == m and r["budget"] == b and key in r]
-            if not cell:
-                cells.append("–")
-                continue
-            acc, fit = np.array([100 * r[key] for r in cell]), np.mean([r["fit_seconds"] for r in cell])
-            cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}, {fit / 60:.0f} min)")
-            csv.append(f"{row},{b},{acc.mean():.3f},{acc.std():.3f},{len(acc)},{fit:.1f}")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    used = [r for r in runs if r["method"] in methods and r["budget"] in budgets]
-    dt_note = " (`<method>/dt`: a GPD run's dynamic teacher)" if any("/" in row for row, _, _ in rows) else ""
-    text = ("\n".join(lines) + "\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds "
-            f"(n; mean fit time per run){dt_note}; {len(used)} runs, "
-            f"{sum(r['fit_seconds'] for r in used) / 3600:.2f} h of fit time in all.\n")
-    spans = []  # where the best-validation epoch fell: a converged run peaks before its last epoch
-    for m in methods:
-        best = [(r["best_epoch"], r["epochs"]) for r in used if r["method"] == m and "best_epoch" in r]
-        if best:
-            spans.append(f"{m} {min(b for b, _ in best)}–{max(b for b, _ in best)} of {max(e for _, e in best)}")
-    if spans:
-        text += f"Best-validation epochs (min–max over runs): {', '.join(spans)}.\n"
-    return text, "\n".join(csv) + "\n"
-
-
-def report(out: Path, readme: bool = False) -> str:
-    """Rebuild ``table.md``, ``table.csv`` and ``accuracy_vs_budget.png`` from the stored runs; with ``readme``, the
-    README's blocks of :data:`README_BLOCKS` too."""
-    import numpy as np
-
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    text, csv = table(runs)
-    (out / "table.md").write_text(text)
-    (out / "table.csv").write_text(csv)
-    if readme:
-        from readme import fill
-
-        for block, (methods, budgets) in README_BLOCKS.items():
-            fill(block, table(runs, list(methods), list(budgets) if budgets else None)[0])
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    budgets = sorted({r["budget"] for r in runs})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in GRID:  # the default grid's methods
-        pts = []
-        for b in budgets:
-            accs = [100 * r["test_acc"] for r in runs if r["method"] == m and r["budget"] == b]
-            if accs:
-                pts.append((b, np.mean(accs), np.std(accs)))
-        if pts:
-            b_, mean, std = zip(*pts)
-            style = dict(lw=2, marker="s" if m == "ckd" else "^", ls="-" if m == "ckd" else "--") if m.startswith(
-                "ckd") else dict(lw=1, marker="o")  # the CKD releases stand out, and apart from each other
-            ax.errorbar(b_, mean, yerr=std, capsize=3, label=m, **style)
-    ax.set_xscale("log")
-    ax.minorticks_off()
-    ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel("teacher budget (training images with teacher outputs)")
-    ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title("ResNet-20 teacher → ResNet-8 student")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_budget.png", dpi=120)
-    return text
 
 
 # How a run is computed, not what it computes (the same training up to float rounding): runs that differ only in

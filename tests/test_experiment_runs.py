@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import convergence  # noqa: E402
 import select_budget  # noqa: E402
 import sweep_budget  # noqa: E402
+import sweep_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_a_sweep_run_stores_its_result_and_the_table_is_rebuilt_from_the_runs(ru
         stored = json.loads((tmp / "out" / "runs" / f"64-{r['method']}-0.json").read_text())
         assert stored["test_acc"] == r["test_acc"]
     assert 0 <= gpd["dt_test_acc"] <= 1 and gpd["extracted_max_abs_diff"] <= 1e-5
-    table = sweep_budget.report(tmp / "out")
+    table = sweep_report.report(tmp / "out")
     assert "| kd | " in table and "| gpd | " in table and "| gpd/dt | " in table
     assert (tmp / "out" / "accuracy_vs_budget.png").stat().st_size > 0
 
@@ -153,7 +154,7 @@ def test_the_sweep_table_keeps_the_methods_and_budgets_asked_for():
 
     runs = [run("kd", 1000, 0, 50.0), run("kd", 2000, 0, 60.0, 12), run("kd", 2000, 1, 62.0, 17),
             run("ce", 2000, 0, 55.0)]
-    text, csv = sweep_budget.table(runs, ["kd", "dist"], [2000])
+    text, csv = sweep_report.table(runs, ["kd", "dist"], [2000])
     assert text.splitlines()[:3] == ["| method | budget 2000 |", "|---|---|", "| kd | 61.00 ± 1.00 (n=2, 10 min) |"]
     assert "| ce |" not in text and "| dist |" not in text and "2 runs" in text
     assert csv.splitlines()[1] == "kd,2000,61.000,1.000,2,600.0"

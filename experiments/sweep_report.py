@@ -1,0 +1,91 @@
+"""The budget sweep's report: its table (markdown, CSV), the README's result blocks and the accuracy-vs-budget
+plot, rebuilt from whatever runs ``experiments/sweep_budget.py`` has stored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from figures import accuracy_axes, save
+from methods import GRID, METHODS
+from readme import fill
+
+# The README's result blocks (``--readme``): name -> (methods, budgets; None: every budget run).
+README_BLOCKS = {
+    "budget sweep table": (GRID, None),
+    "ckd evidence table": (("ce", "kd", "ckd", "ckd_average", "ckd_mixup", "crd", "hint", "ckd_hint", "vid",
+                            "ckd_vid", "cc", "ckd_cc", "gpd", "gpd_ckd", "gpd_scratch"), (2000,)),
+}
+
+
+def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int] | None = None) -> tuple[str, str]:
+    """Markdown and CSV of ``runs``: per method (and GPD's dynamic teacher, ``<method>/dt``) and budget, mean ± std
+    test accuracy over seeds, the number of seeds and the mean fit time per run; only ``methods`` / ``budgets``
+    when given (in the order given)."""
+    budgets = budgets or sorted({r["budget"] for r in runs})
+    names = {r["method"] for r in runs}
+    methods = [m for m in (methods or [*METHODS, *sorted(names - set(METHODS))]) if m in names]
+    rows = []  # (row label, method, result key)
+    for m in methods:
+        rows.append((m, m, "test_acc"))
+        if any("dt_test_acc" in r for r in runs if r["method"] == m):
+            rows.append((f"{m}/dt", m, "dt_test_acc"))
+    lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    csv = ["method,budget,mean_test_acc,std_test_acc,seeds,mean_fit_seconds"]
+    for row, m, key in rows:
+        cells = []
+        for b in budgets:
+            cell = [r for r in runs if r["method"] == m and r["budget"] == b and key in r]
+            if not cell:
+                cells.append("–")
+                continue
+            acc, fit = np.array([100 * r[key] for r in cell]), np.mean([r["fit_seconds"] for r in cell])
+            cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}, {fit / 60:.0f} min)")
+            csv.append(f"{row},{b},{acc.mean():.3f},{acc.std():.3f},{len(acc)},{fit:.1f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    used = [r for r in runs if r["method"] in methods and r["budget"] in budgets]
+    dt_note = " (`<method>/dt`: a GPD run's dynamic teacher)" if any("/" in row for row, _, _ in rows) else ""
+    text = ("\n".join(lines) + "\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds "
+            f"(n; mean fit time per run){dt_note}; {len(used)} runs, "
+            f"{sum(r['fit_seconds'] for r in used) / 3600:.2f} h of fit time in all.\n")
+    spans = []  # where the best-validation epoch fell: a converged run peaks before its last epoch
+    for m in methods:
+        best = [(r["best_epoch"], r["epochs"]) for r in used if r["method"] == m and "best_epoch" in r]
+        if best:
+            spans.append(f"{m} {min(b for b, _ in best)}–{max(b for b, _ in best)} of {max(e for _, e in best)}")
+    if spans:
+        text += f"Best-validation epochs (min–max over runs): {', '.join(spans)}.\n"
+    return text, "\n".join(csv) + "\n"
+
+
+def report(out: Path, readme: bool = False) -> str:
+    """Rebuild ``table.md``, ``table.csv`` and ``accuracy_vs_budget.png`` from the stored runs; with ``readme``, the
+    README's blocks of :data:`README_BLOCKS` too."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    text, csv = table(runs)
+    (out / "table.md").write_text(text)
+    (out / "table.csv").write_text(csv)
+    if readme:
+        for block, (methods, budgets) in README_BLOCKS.items():
+            fill(block, table(runs, list(methods), list(budgets) if budgets else None)[0])
+
+    budgets = sorted({r["budget"] for r in runs})
+    fig, ax = accuracy_axes()
+    for m in GRID:  # the default grid's methods
+        pts = []
+        for b in budgets:
+            accs = [100 * r["test_acc"] for r in runs if r["method"] == m and r["budget"] == b]
+            if accs:
+                pts.append((b, np.mean(accs), np.std(accs)))
+        if pts:
+            b_, mean, std = zip(*pts)
+            style = dict(lw=2, marker="s" if m == "ckd" else "^", ls="-" if m == "ckd" else "--") if m.startswith(
+                "ckd") else dict(lw=1, marker="o")  # the CKD releases stand out, and apart from each other
+            ax.errorbar(b_, mean, yerr=std, capsize=3, label=m, **style)
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    save(fig, ax, out / "accuracy_vs_budget.png", "teacher budget (training images with teacher outputs)",
+         "ResNet-20 teacher → ResNet-8 student")
+    return text
