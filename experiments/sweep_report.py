@@ -59,16 +59,43 @@ def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int]
     return text, "\n".join(csv) + "\n"
 
 
+def paired(runs: list[dict], reference: str = "ckd", methods: list[str] | None = None,
+           budgets: list[int] | None = None) -> str:
+    """Markdown: ``reference`` minus each other method, paired by seed (a seed fixes the samples, their teacher
+    outputs and the initialisation, so the pair differs only by the method): the mean difference, each seed's,
+    and on how many of them the reference is ahead."""
+    budgets = budgets or sorted({r["budget"] for r in runs})
+    acc = {(r["method"], r["budget"], r["seed"]): 100 * r["test_acc"] for r in runs}
+    names = {r["method"] for r in runs} - {reference}
+    methods = [m for m in (methods or [*METHODS, *sorted(names - set(METHODS))]) if m in names]
+    lines = [f"| {reference} minus | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+             "|---" * (len(budgets) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            seeds = sorted(s for mm, bb, s in acc if (mm, bb) == (reference, b) and (m, b, s) in acc)
+            d = [acc[reference, b, s] - acc[m, b, s] for s in seeds]
+            if not d:
+                cells.append("–")
+                continue
+            cells.append(f"{np.mean(d):+.2f} ({', '.join(f'{x:+.1f}' for x in d)}; ahead on "
+                         f"{sum(x > 0 for x in d)} of {len(d)})")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report(out: Path, readme: bool = False) -> str:
     """Rebuild ``table.md``, ``table.csv`` and ``accuracy_vs_budget.png`` from the stored runs; with ``readme``, the
     README's blocks of :data:`README_BLOCKS` too."""
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     text, csv = table(runs)
-    (out / "table.md").write_text(text)
+    (out / "table.md").write_text(text + "\n" + paired(runs))
     (out / "table.csv").write_text(csv)
     if readme:
         for block, (methods, budgets) in README_BLOCKS.items():
             fill(block, table(runs, list(methods), list(budgets) if budgets else None)[0])
+        fill("ckd paired table", paired(runs, "ckd", list(GRID), None))
 
     budgets = sorted({r["budget"] for r in runs})
     fig, ax = accuracy_axes()

@@ -161,6 +161,19 @@ def test_the_sweep_table_keeps_the_methods_and_budgets_asked_for():
     assert "Best-validation epochs (min–max over runs): kd 12–17 of 20." in text
 
 
+def test_ckd_is_compared_with_each_method_seed_by_seed():
+    def run(method, seed, acc):
+        return {"method": method, "budget": 2000, "seed": seed, "test_acc": acc / 100}
+
+    runs = [run("ckd", 0, 68.0), run("ckd", 1, 69.0), run("ckd", 2, 67.0), run("kd", 0, 66.0), run("kd", 1, 66.5),
+            run("kd", 2, 68.0), run("ce", 0, 61.0), run("ce", 1, 60.0), run("dist", 3, 60.0)]
+    rows = sweep_report.paired(runs, "ckd", ["kd", "ce", "dist"]).splitlines()
+    assert rows[0] == "| ckd minus | budget 2000 |"
+    assert rows[2] == "| kd | +1.17 (+2.0, +2.5, -1.0; ahead on 2 of 3) |"
+    assert rows[3] == "| ce | +8.00 (+7.0, +9.0; ahead on 2 of 2) |"  # seed 2 has no CE run: not paired
+    assert len(rows) == 4  # dist shares no seed with ckd: no row
+
+
 def test_calls_to_match_interpolates_between_the_budgets_run():
     means = {1000: 60.0, 1500: 64.0, 2000: 66.0}
     assert select_budget.calls_to_match(means, 65.0) == "1750"  # halfway from 64 (1,500) to 66 (2,000)
