@@ -99,17 +99,23 @@ def report(out: Path, readme: bool = False) -> str:
 
     budgets = sorted({r["budget"] for r in runs})
     fig, ax = accuracy_axes()
-    for m in GRID:  # the default grid's methods
+    for color, m in enumerate(GRID):  # the default grid's methods
         pts = []
         for b in budgets:
             accs = [100 * r["test_acc"] for r in runs if r["method"] == m and r["budget"] == b]
             if accs:
-                pts.append((b, np.mean(accs), np.std(accs)))
+                pts.append((b, np.mean(accs), np.std(accs), len(accs)))
         if pts:
-            b_, mean, std = zip(*pts)
+            b_, mean, std, n = zip(*pts)
             style = dict(lw=2, marker="s" if m == "ckd" else "^", ls="-" if m == "ckd" else "--") if m.startswith(
                 "ckd") else dict(lw=1, marker="o")  # the CKD releases stand out, and apart from each other
-            ax.errorbar(b_, mean, yerr=std, capsize=3, label=m, **style)
+            ax.errorbar(b_, mean, yerr=std, capsize=3, label=m, color=f"C{color}", **style)
+            partial = [i for i, k in enumerate(n) if k < 3]  # open markers: a cell still short of its 3 seeds
+            ax.plot([b_[i] for i in partial], [mean[i] for i in partial], ls="none", marker=style["marker"],
+                    mfc="white", mec=f"C{color}", zorder=3)
+    if any(len([r for r in runs if (r["method"], r["budget"]) == (m, b)]) < 3 for m in GRID for b in budgets
+           if any((r["method"], r["budget"]) == (m, b) for r in runs)):
+        ax.plot([], [], ls="none", marker="o", mfc="white", mec="gray", label="open: < 3 seeds so far")
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(budgets, [str(b) for b in budgets])
