@@ -63,7 +63,6 @@ PROTOCOLS = {
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def _cache_dir(cache_root: Path, seed: int, features: bool = False) -> Path:
     """The seed's shared cache: logits only (``seed<s>``), or logits and the four teacher features."""
     return cache_root / (f"seed{seed}-features" if features else f"seed{seed}")
@@ -102,29 +101,29 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
 
     ``selection`` (``selection``, ``rounds``, ...) goes to the DataModule; ``cache_dir`` defaults to the seed's
     shared cache under ``cache_root`` (its features cache for feature methods). Sweeps over the same ``out`` may
-    overlap: a run is claimed by an exclusive ``flock`` on ``<out>/ckpt/<name>.lock`` (dropped by the kernel if its
-    process dies), so a run another process is training returns ``None`` here, and one that finished meanwhile
-    returns its stored result, instead of being trained twice and racing for its JSON and checkpoints.
+    overlap: a run is claimed by the cache's writer lease (an exclusive ``flock`` on
+    ``<out>/ckpt/writers/<name>.lock``, dropped by the kernel if its process dies), so a run another process is
+    training returns ``None`` here, and one that finished meanwhile returns its stored result, instead of being
+    trained twice and racing for its JSON and checkpoints.
     """
-    import fcntl
+    from lightning_kd.cache.lock import WriterLease
 
     name = name or f"{budget}-{method}-{seed}"
     path = out / "runs" / f"{name}.json"
-    lock = out / "ckpt" / f"{name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as held:
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[{name}] is being trained by another process; skipped here", flush=True)
-            return None
+    try:
+        lease = WriterLease(out / "ckpt", name)
+    except BlockingIOError:
+        print(f"[{name}] is being trained by another process; skipped here", flush=True)
+        return None
+    try:
         if path.exists():  # finished by another sweep since this one listed its runs
             return json.loads(path.read_text())
         result = _train(budget, method, seed, cfg, out, cache_root, threads, name, cache_dir, selection)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
-        lock.unlink()  # under the lock and after the JSON: a process still waiting on it finds the JSON
-    return result
+        return result
+    finally:
+        lease.release()  # after the JSON: whoever takes the lease next finds it
 
 
 def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root: Path, threads: int, name: str,

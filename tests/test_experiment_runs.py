@@ -133,7 +133,7 @@ print("RESULT", json.dumps(r))
     stored = json.loads((out / "runs" / "64-kd-0.json").read_text())
     results = [json.loads(o.split("RESULT ", 1)[1]) for o, _ in outputs]
     assert stored in results and all(r in (None, stored) for r in results)
-    assert not (out / "ckpt" / "64-kd-0.lock").exists() and not (out / "ckpt" / "64-kd-0").exists()
+    assert not (out / "ckpt" / "writers" / "64-kd-0.lock").exists() and not (out / "ckpt" / "64-kd-0").exists()
 
 
 def test_readme_blocks_are_replaced_between_their_markers_and_a_missing_one_is_named(tmp_path):
