@@ -140,15 +140,20 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
     class ValCurve(L.Callback):
         """Validation accuracy after every epoch (in order), and a progress line every tenth of the run (the
         workers run without progress bars; a long schedule is an hour per run on one CPU core). Its state (the
-        curve, the fit time so far, the protocol) travels in the checkpoint, so a resumed run continues it."""
+        curve, the fit time so far, the protocol, the devices) travels in the checkpoint, so a resumed run continues
+        it. ``devices`` records where each stretch of epochs ran (a run started on a GPU may finish on a CPU)."""
 
         def __init__(self) -> None:
             self.acc: list[float] = []
+            self.devices: list[dict] = []
             self.seconds = 0.0  # fit time before this process's start
             self.start = time.perf_counter()
 
         def elapsed(self) -> float:
             return self.seconds + time.perf_counter() - self.start
+
+        def on_train_start(self, trainer, pl_module) -> None:  # after a checkpoint's restore
+            self.devices.append({"device": str(trainer.strategy.root_device), "from_epoch": len(self.acc) + 1})
 
         def on_validation_end(self, trainer, pl_module) -> None:
             self.acc.append(float(trainer.callback_metrics["val/acc"]))
@@ -159,7 +164,7 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
                       f"{best + 1}), {self.elapsed() / done:.1f} s/epoch", flush=True)
 
         def state_dict(self) -> dict:
-            return {"acc": self.acc, "seconds": self.elapsed(), "protocol": cfg}
+            return {"acc": self.acc, "seconds": self.elapsed(), "protocol": cfg, "devices": self.devices}
 
         def load_state_dict(self, state: dict) -> None:
             differs = _protocol_differences(state["protocol"], cfg)
@@ -167,6 +172,7 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
                 raise SystemExit(f"{last} was saved under another protocol ({differs}); delete it to start the run "
                                  "again")
             self.acc, self.seconds, self.start = list(state["acc"]), state["seconds"], time.perf_counter()
+            self.devices = list(state.get("devices", []))
 
     L.seed_everything(seed, workers=True, verbose=False)
     spec = METHODS[method]
@@ -201,6 +207,7 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
         "student": cfg["student"],
         "fit_seconds": round(fit_s, 1),
         "device": str(trainer.strategy.root_device),
+        "devices": curve.devices,
         "new_teacher_calls": dm.new_teacher_calls,
         "train_samples": len(dm.train_indices),
         "protocol": cfg,
