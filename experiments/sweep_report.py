@@ -19,9 +19,15 @@ README_BLOCKS = {
 }
 
 
+def _cpu_only(run: dict) -> bool:
+    """Whether every epoch of ``run`` ran on a CPU (runs before the ``devices`` record: their one ``device``)."""
+    return all(d["device"] == "cpu" for d in run.get("devices") or [{"device": run.get("device", "cpu")}])
+
+
 def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int] | None = None) -> tuple[str, str]:
     """Markdown and CSV of ``runs``: per method (and GPD's dynamic teacher, ``<method>/dt``) and budget, mean ± std
-    test accuracy over seeds, the number of seeds and the mean fit time per run; only ``methods`` / ``budgets``
+    test accuracy over seeds, the number of seeds and the mean fit time per run (on one CPU core; a cell with runs
+    that ran at least partly on a GPU shows ``GPU`` instead: that time measures nothing); only ``methods`` / ``budgets``
     when given (in the order given)."""
     budgets = budgets or sorted({r["budget"] for r in runs})
     names = {r["method"] for r in runs}
@@ -32,7 +38,7 @@ def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int]
         if any("dt_test_acc" in r for r in runs if r["method"] == m):
             rows.append((f"{m}/dt", m, "dt_test_acc"))
     lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
-    csv = ["method,budget,mean_test_acc,std_test_acc,seeds,mean_fit_seconds"]
+    csv = ["method,budget,mean_test_acc,std_test_acc,seeds,mean_fit_seconds,cpu_only"]
     for row, m, key in rows:
         cells = []
         for b in budgets:
@@ -41,14 +47,20 @@ def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int]
                 cells.append("–")
                 continue
             acc, fit = np.array([100 * r[key] for r in cell]), np.mean([r["fit_seconds"] for r in cell])
-            cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}, {fit / 60:.0f} min)")
-            csv.append(f"{row},{b},{acc.mean():.3f},{acc.std():.3f},{len(acc)},{fit:.1f}")
+            cpu = all(_cpu_only(r) for r in cell)
+            cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}, "
+                         f"{f'{fit / 60:.0f} min' if cpu else 'GPU'})")
+            csv.append(f"{row},{b},{acc.mean():.3f},{acc.std():.3f},{len(acc)},{fit:.1f},{int(cpu)}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     used = [r for r in runs if r["method"] in methods and r["budget"] in budgets]
     dt_note = " (`<method>/dt`: a GPD run's dynamic teacher)" if any("/" in row for row, _, _ in rows) else ""
     text = ("\n".join(lines) + "\n\nTest accuracy (%) at the best-validation checkpoint, mean ± std over seeds "
-            f"(n; mean fit time per run){dt_note}; {len(used)} runs, "
-            f"{sum(r['fit_seconds'] for r in used) / 3600:.2f} h of fit time in all.\n")
+            f"(n; mean fit time per run on one CPU core){dt_note}; {len(used)} runs, "
+            f"{sum(r['fit_seconds'] for r in used if _cpu_only(r)) / 3600:.2f} h of CPU fit time in all.\n")
+    gpu = [r for r in used if not _cpu_only(r)]
+    if gpu:
+        text += (f"GPU: {len(gpu)} runs ran at least partly on a GPU, many at once, so their fit time measures nothing "
+                 "(same protocol, same steps).\n")
     spans = []  # where the best-validation epoch fell: a converged run peaks before its last epoch
     for m in methods:
         best = [(r["best_epoch"], r["epochs"]) for r in used if r["method"] == m and "best_epoch" in r]

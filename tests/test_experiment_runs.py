@@ -99,6 +99,7 @@ sweep_budget.run_one(64, "kd", 0, {cfg!r}, sweep_budget.Path({str(out)!r}), swee
     assert r["resumed_at_epoch"] == 2 and r["steps"] == 3 and r["new_teacher_calls"] == 0
     assert r["val_acc_curve"][:2] == [round(a, 4) for a in cut["acc"]] and len(r["val_acc_curve"]) == 3
     assert r["fit_seconds"] > cut["seconds"]
+    assert r["devices"] == [{"device": "cpu", "from_epoch": 1}, {"device": "cpu", "from_epoch": 3}]  # two stretches
     assert not last.parent.exists() and (out / "runs" / "64-kd-0.json").exists()  # checkpoints gone once stored
 
 
@@ -157,8 +158,20 @@ def test_the_sweep_table_keeps_the_methods_and_budgets_asked_for():
     text, csv = sweep_report.table(runs, ["kd", "dist"], [2000])
     assert text.splitlines()[:3] == ["| method | budget 2000 |", "|---|---|", "| kd | 61.00 ± 1.00 (n=2, 10 min) |"]
     assert "| ce |" not in text and "| dist |" not in text and "2 runs" in text
-    assert csv.splitlines()[1] == "kd,2000,61.000,1.000,2,600.0"
+    assert csv.splitlines()[1] == "kd,2000,61.000,1.000,2,600.0,1"
     assert "Best-validation epochs (min–max over runs): kd 12–17 of 20." in text
+
+
+def test_a_cell_with_gpu_epochs_shows_no_cpu_time():
+    gpu_then_cpu = [{"device": "cuda:0", "from_epoch": 1}, {"device": "cpu", "from_epoch": 251}]
+    runs = [{"method": "kd", "budget": 4000, "seed": s, "test_acc": 0.7, "fit_seconds": 900.0, "devices": devices}
+            for s, devices in ((0, gpu_then_cpu), (1, [{"device": "cpu", "from_epoch": 1}]))]
+    runs.append({"method": "ce", "budget": 4000, "seed": 0, "test_acc": 0.6, "fit_seconds": 1200.0, "device": "cpu"})
+    text, csv = sweep_report.table(runs)
+    assert "| ce | 60.00 ± 0.00 (n=1, 20 min) |" in text and "| kd | 70.00 ± 0.00 (n=2, GPU) |" in text
+    assert "3 runs, 0.58 h of CPU fit time in all" in text  # 1200 s + 900 s: the GPU run's time is left out
+    assert "GPU: 1 runs ran at least partly on a GPU" in text
+    assert csv.splitlines()[1:] == ["ce,4000,60.000,0.000,1,1200.0,1", "kd,4000,70.000,0.000,2,900.0,0"]
 
 
 def test_ckd_is_compared_with_each_method_seed_by_seed():
