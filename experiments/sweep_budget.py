@@ -191,7 +191,9 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
     curve = ValCurve()
     trainer = _trainer(cfg["epochs"], [ckpt, every_epoch, curve], cfg.get("accelerator", "cpu"))
     trainer.fit(model, dm, ckpt_path=resume)
-    fit_s = curve.elapsed()
+    # The curve as fitted: testing at the best checkpoint restores every callback's state from it, which would cut
+    # the curve (and the devices) back to the best epoch.
+    fit_s, acc, devices = curve.elapsed(), list(curve.acc), list(curve.devices)
     test = trainer.test(model, dm, ckpt_path=ckpt.best_model_path, verbose=False)[0]  # the best, not the last
     result = {
         "budget": budget,
@@ -200,14 +202,14 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
         "test_acc": test["test/acc"],
         **(_dynamic_teacher_results(model, dm, test) if hasattr(model, "dynamic_teacher") else {}),
         "best_val_acc": float(ckpt.best_model_score),
-        "best_epoch": int(np.argmax(curve.acc)) + 1,
-        "val_acc_curve": [round(a, 4) for a in curve.acc],
+        "best_epoch": int(np.argmax(acc)) + 1,
+        "val_acc_curve": [round(a, 4) for a in acc],
         "epochs": cfg["epochs"],
         "steps": trainer.global_step,
         "student": cfg["student"],
         "fit_seconds": round(fit_s, 1),
         "device": str(trainer.strategy.root_device),
-        "devices": curve.devices,
+        "devices": devices,
         "new_teacher_calls": dm.new_teacher_calls,
         "train_samples": len(dm.train_indices),
         "protocol": cfg,

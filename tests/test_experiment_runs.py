@@ -103,6 +103,19 @@ sweep_budget.run_one(64, "kd", 0, {cfg!r}, sweep_budget.Path({str(out)!r}), swee
     assert not last.parent.exists() and (out / "runs" / "64-kd-0.json").exists()  # checkpoints gone once stored
 
 
+def test_a_run_stores_its_whole_curve_when_the_best_epoch_is_not_the_last(runs, monkeypatch):
+    """Testing at the best checkpoint restores the callbacks' state from it; the stored curve must not shrink to it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    tmp, _ = runs
+    monkeypatch.setattr(ModelCheckpoint, "check_monitor_top_k", lambda self, trainer, current=None:
+                        trainer.current_epoch == 0)  # the best checkpoint is epoch 1's, whatever the accuracies
+    cfg = dict(sweep_budget.PROTOCOLS["cpu"], epochs=3, accelerator="cpu", protocol="cpu")
+    r = sweep_budget.run_one(64, "kd", 0, cfg, tmp / "whole-curve", tmp / "cache", 1)
+    assert len(r["val_acc_curve"]) == 3 and r["steps"] == 3
+    assert r["devices"] == [{"device": "cpu", "from_epoch": 1}]
+
+
 def test_two_sweeps_started_at_once_train_a_run_once(runs):
     """Two processes asked for the same run at the same instant (two sweeps over one --out): one trains it and
     stores its JSON, the other skips it (None) or, if it comes after the first finished, returns the stored run."""
