@@ -51,20 +51,28 @@ class Cell(NamedTuple):
     rounds: int
     views: int = 1
     matched: bool = False
+    buy_within: float = 1.0
 
     def name(self, seed: int) -> str:
         views = f"-v{self.views}{'matched' if self.matched else 'fresh'}" if self.views > 1 else ""
-        return f"{self.budget}-{self.method}-{self.strategy}-r{self.rounds}{views}-{seed}"
+        within = f"w{self.buy_within:g}" if self.buy_within < 1 else ""
+        return f"{self.budget}-{self.method}-{self.strategy}-r{self.rounds}{within}{views}-{seed}"
+
+    @property
+    def schedule(self) -> str:
+        """The rounds column: how many, and within which share of the epochs when not all of them."""
+        return f"{self.rounds} in first {100 * self.buy_within:g}%" if self.buy_within < 1 else str(self.rounds)
 
     def datamodule_args(self) -> dict:
+        within = {"buy_within": self.buy_within} if self.buy_within < 1 else {}
         return dict(selection=self.strategy, rounds=self.rounds, views_per_sample=self.views,
-                    matched_views=self.matched)
+                    matched_views=self.matched, **within)
 
     @classmethod
     def of(cls, run: dict) -> Cell:
         s = run["selection"]
         return cls(run["budget"], run["method"], s["selection"], s["rounds"], s.get("views_per_sample", 1),
-                   s.get("matched_views", False))
+                   s.get("matched_views", False), s.get("buy_within", 1.0))
 
 
 def calls_to_match(means: dict[int, float], target: float) -> str:
@@ -88,10 +96,11 @@ def table(runs: list[dict]) -> tuple[str, str]:
     for r in runs:
         cells.setdefault(Cell.of(r), []).append(r)
     order = sorted(cells, key=lambda c: (c.views > 1, c.budget, c.method, STRATEGIES.index(c.strategy)
-                                         if c.strategy in STRATEGIES else 99, c.rounds, c.views, c.matched))
+                                         if c.strategy in STRATEGIES else 99, c.rounds, -c.buy_within, c.views,
+                                         c.matched))
     lines = ["| budget | method | strategy | rounds | views | test acc (%) | seeds | scoring s / round | fit min |",
              "|---" * 9 + "|"]
-    csv = ["budget,method,strategy,rounds,views,matched,mean_test_acc,std_test_acc,seeds,score_s_per_round,fit_s"]
+    csv = ["budget,method,strategy,rounds,buy_within,views,matched,mean_test_acc,std_test_acc,seeds,score_s_per_round,fit_s"]
     means: dict[Cell, float] = {}
     for c in order:
         rs = cells[c]
@@ -102,21 +111,22 @@ def table(runs: list[dict]) -> tuple[str, str]:
         score_s = float(np.mean(score)) if score else 0.0
         fit_s = float(np.mean([x["fit_seconds"] for x in rs]))
         views = f"{c.views} {'matched' if c.matched else 'fresh'}" if c.views > 1 else "1"
-        lines.append(f"| {c.budget} | {c.method} | {c.strategy} | {c.rounds} | {views} | {acc.mean():.2f} ± "
+        lines.append(f"| {c.budget} | {c.method} | {c.strategy} | {c.schedule} | {views} | {acc.mean():.2f} ± "
                      f"{acc.std():.2f} | {len(rs)} | {score_s:.1f} | {fit_s / 60:.0f} |")
-        csv.append(f"{c.budget},{c.method},{c.strategy},{c.rounds},{c.views},{c.matched},{acc.mean():.3f},"
+        csv.append(f"{c.budget},{c.method},{c.strategy},{c.rounds},{c.buy_within:g},{c.views},{c.matched},{acc.mean():.3f},"
                    f"{acc.std():.3f},{len(rs)},{score_s:.2f},{fit_s:.1f}")
     text = "\n".join(lines) + ("\n\nTest accuracy at the best-validation checkpoint, mean ± std over seeds; "
                                f"{len(runs)} runs.\n")
     match = []
-    for method, rounds in sorted({(c.method, c.rounds) for c in means if c.views == 1}):
-        ref = Cell(REFERENCE[1], method, REFERENCE[0], rounds)
+    for method, rounds, within in sorted({(c.method, c.rounds, c.buy_within) for c in means if c.views == 1}):
+        ref = Cell(REFERENCE[1], method, REFERENCE[0], rounds, buy_within=within)
         if ref not in means:
             continue
         for strategy in STRATEGIES:
-            curve = {c.budget: m for c, m in means.items() if c[1:] == (method, strategy, rounds, 1, False)}
+            same = ref._replace(budget=0, strategy=strategy)
+            curve = {c.budget: m for c, m in means.items() if c._replace(budget=0) == same}
             if len(curve) >= 2:
-                match.append(f"{strategy} ({method}, {rounds} rounds; run at {', '.join(map(str, sorted(curve)))}): "
+                match.append(f"{strategy} ({method}, {ref.schedule} rounds; run at {', '.join(map(str, sorted(curve)))}): "
                              f"{calls_to_match(curve, means[ref])}")
     if match:
         text += (f"\nTeacher calls needed to match {REFERENCE[0]} at {REFERENCE[1]} (linear between the budgets run): "
@@ -145,12 +155,12 @@ def plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         c = Cell.of(r)
         if c.views == 1:
-            lines.setdefault((c.method, c.strategy), {}).setdefault(c.budget, []).append(100 * r["test_acc"])
+            lines.setdefault((c.method, c.strategy, c.schedule), {}).setdefault(c.budget, []).append(100 * r["test_acc"])
     fig, ax = accuracy_axes()
-    for (method, strategy), points in sorted(lines.items()):
+    for (method, strategy, schedule), points in sorted(lines.items()):
         b = sorted(points)
         ax.errorbar(b, [np.mean(points[x]) for x in b], yerr=[np.std(points[x]) for x in b], marker="o", capsize=3,
-                    label=f"{method}, {strategy}", lw=2 if "random" in strategy or "balanced" in strategy else 1)
+                    label=f"{method}, {strategy}, R={schedule}", lw=2 if "random" in strategy or "balanced" in strategy else 1)
     save(fig, ax, path, "teacher calls (budget)", "Choosing what the teacher sees (ResNet-8 student)")
 
 
@@ -160,6 +170,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["kd"], choices=("kd", "ckd", "ckd_kl3"))
     p.add_argument("--strategies", nargs="*", default=list(STRATEGIES), help="none: the view cells only")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--buy-within", type=float, default=1.0, help="every round bought within this share of the epochs")
     p.add_argument("--views", type=int, nargs="*", default=[], help="view cells: V views per sample, fresh and "
                    "matched, KD, random samples, one round, at --views-budget")
     p.add_argument("--views-budget", type=int, default=2000)
@@ -185,7 +196,7 @@ def main() -> None:
     from lightning_kd.data.cifar import default_cache_dir
 
     cache_root = args.cache_root or default_cache_dir() / "select_budget"
-    cells = [Cell(b, m, s, args.rounds) for b in args.budgets for m in args.methods for s in args.strategies]
+    cells = [Cell(b, m, s, args.rounds, buy_within=args.buy_within) for b in args.budgets for m in args.methods for s in args.strategies]
     cells += [Cell(args.views_budget, "kd", "random", 1, v, matched) for v in args.views for matched in (False, True)
               if v > 1]
     todo = [(c, seed) for seed in args.seeds for c in cells if not _done(out / "runs" / f"{c.name(seed)}.json", cfg)]

@@ -58,10 +58,12 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
             "margin_kcenter", "badge") need ``rounds >= 2``. "cached": exactly the samples the cache already holds
             outputs for (no teacher call), e.g. after a change of selection or seed that would leave paid outputs
             unused — the fill says so and names this option.
-        rounds: buy the budget in this many shares; round ``r`` is bought at epoch ``floor(r * max_epochs /
-            rounds)`` (the DataModule has the Trainer reload the train dataloader each epoch). Every epoch is
-            ``budget // batch_size`` steps, drawn from the samples bought so far, so the total number of steps does
-            not depend on ``rounds`` or the strategy. 1: everything before training.
+        rounds: buy the budget in this many shares; round ``r`` is bought at epoch ``floor(r * buy_within *
+            max_epochs / rounds)`` (the DataModule has the Trainer reload the train dataloader each epoch). Every
+            epoch is ``budget // batch_size`` steps, drawn from the samples bought so far, so the total number of
+            steps does not depend on ``rounds`` or the strategy. 1: everything before training.
+        buy_within: the fraction of the epochs within which every round is bought (1: rounds spread over the whole
+            run).
         initial_fraction: the share of the budget the first, class-balanced random round buys (None: equal shares,
             ``1 / rounds``); the rest is split evenly over the later rounds.
         views_per_sample: teacher views bought per sample (:mod:`lightning_kd.data.multiview`): the budget counts
@@ -96,6 +98,7 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
         selection: str | SelectionStrategy = "random",
         rounds: int = 1,
         initial_fraction: float | None = None,
+        buy_within: float = 1.0,
         views_per_sample: int = 1,
         matched_views: bool = False,
         view: Literal["augmented", "clean"] = "augmented",
@@ -128,6 +131,7 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
             selection=selection,
             rounds=rounds,
             initial_fraction=initial_fraction,
+            buy_within=buy_within,
             views_per_sample=views_per_sample,
             matched_views=matched_views,
             view=view,
@@ -157,7 +161,7 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
                              "selection other than 'cached'")
         if matched_views and view != "augmented":
             raise ValueError("matched_views=True trains on the teacher's augmented views: it needs view='augmented'")
-        self.schedule = RoundSchedule(budget, rounds, initial_fraction)
+        self.schedule = RoundSchedule(budget, rounds, initial_fraction, buy_within)
         try:
             self.strategy = None if selection == "cached" else create_strategy(selection)
         except ValueError as err:
@@ -273,7 +277,10 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
         plan = {"selection": self.selection_name, "seed": h.seed, "budget": h.budget}
         if h.views_per_sample > 1:
             plan["views_per_sample"] = h.views_per_sample
-        return plan if h.rounds == 1 else {**plan, "rounds": h.rounds, "initial_fraction": h.initial_fraction}
+        if h.rounds == 1:
+            return plan
+        plan = {**plan, "rounds": h.rounds, "initial_fraction": h.initial_fraction}
+        return plan if h.buy_within == 1 else {**plan, "buy_within": h.buy_within}  # the student that chooses
 
     def _device(self) -> torch.device | None:
         if self.trainer is not None:

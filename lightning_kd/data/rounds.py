@@ -1,7 +1,8 @@
 """Buying the budget in rounds: how much each round buys, when it starts, and the student's scores of the pool.
 
 Round 0 buys a class-balanced random share of the budget; round ``r >= 1`` starts at epoch
-``floor(r * max_epochs / rounds)``, where the selection strategy scores the samples not bought yet with the student
+``floor(r * buy_within * max_epochs / rounds)`` (all rounds are bought within the first ``buy_within`` of
+training, so that most of the schedule, its high-learning-rate start included, trains on the whole budget), where the selection strategy scores the samples not bought yet with the student
 trained so far (forward passes only, never the teacher) and the DataModule buys the next share.
 """
 
@@ -28,11 +29,13 @@ from lightning_kd.selection import PoolScores, SelectionContext, SelectionStrate
 @dataclass(frozen=True)
 class RoundSchedule:
     """``budget`` split into ``rounds`` purchases: ``initial_fraction`` of it first (None: equal shares), the rest
-    evenly over the later rounds (earlier rounds take the remainder)."""
+    evenly over the later rounds (earlier rounds take the remainder); the rounds start at equal steps within the
+    first ``buy_within`` of the epochs."""
 
     budget: int
     rounds: int = 1
     initial_fraction: float | None = None
+    buy_within: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
@@ -40,6 +43,9 @@ class RoundSchedule:
         if self.rounds > self.budget:
             raise ValueError(f"rounds={self.rounds} is larger than the budget {self.budget}: every round must buy at "
                              "least one sample")
+        if isinstance(self.buy_within, bool) or not isinstance(self.buy_within, (int, float)) \
+                or not 0 < self.buy_within <= 1:
+            raise ValueError(f"buy_within must be a fraction of the epochs in (0, 1], got {self.buy_within!r}")
         f = self.initial_fraction
         if f is not None and not 0 < f < 1:
             raise ValueError(f"initial_fraction must be in (0, 1) or None (equal shares), got {f}")
@@ -59,7 +65,11 @@ class RoundSchedule:
 
     def start_epoch(self, round_: int, max_epochs: int) -> int:
         """The epoch at which round ``round_`` is bought (round 0: before training)."""
-        return math.floor(round_ * max_epochs / self.rounds)
+        return math.floor(round_ * self.buy_within * max_epochs / self.rounds)
+
+    def min_epochs(self) -> int:
+        """The fewest ``max_epochs`` at which every round starts at an epoch of its own."""
+        return math.ceil(self.rounds / self.buy_within - 1e-9)
 
     def round_at(self, epoch: int, max_epochs: int) -> int:
         """The last round whose start epoch is ``<= epoch``."""
@@ -202,10 +212,11 @@ class RoundsMixin:
 
     def _check_trainer_for_rounds(self, trainer) -> None:
         """Rounds start at epochs, so they need ``max_epochs`` and a train dataloader reloaded every epoch."""
-        r = self.h.rounds
-        if trainer.max_epochs is None or trainer.max_epochs < r:
-            raise ValueError(f"rounds={r} buys the budget at epoch boundaries: give the Trainer max_epochs >= {r} "
-                             f"(got max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps})")
+        r, need = self.h.rounds, self.schedule.min_epochs()
+        if trainer.max_epochs is None or trainer.max_epochs < need:
+            within = f" within the first {self.h.buy_within:g} of them" if self.h.buy_within < 1 else ""
+            raise ValueError(f"rounds={r} buys the budget at epoch boundaries{within}: give the Trainer max_epochs >= "
+                             f"{need} (got max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps})")
         every = trainer.reload_dataloaders_every_n_epochs
         if every not in (0, 1):
             raise ValueError(f"rounds={r} needs the train dataloader reloaded every epoch, but the Trainer reloads it "

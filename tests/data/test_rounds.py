@@ -41,11 +41,22 @@ def test_rounds_start_at_equal_shares_of_the_epochs():
     assert [s.round_at(e, 10) for e in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
 
 
+def test_buy_within_puts_every_round_in_the_first_share_of_the_epochs():
+    s = RoundSchedule(90, 3, buy_within=0.25)
+    assert [s.start_epoch(r, 300) for r in range(3)] == [0, 25, 50]
+    assert s.round_at(24, 300) == 0 and s.round_at(50, 300) == 2 and s.round_at(299, 300) == 2
+    assert s.min_epochs() == 12 and [s.start_epoch(r, 12) for r in range(3)] == [0, 1, 2]
+    assert len({s.start_epoch(r, 11) for r in range(3)}) < 3  # below min_epochs two rounds would share an epoch
+    assert RoundSchedule(90, 3).min_epochs() == 3
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(rounds=0), "rounds must be an integer >= 1"), (dict(rounds=91), "larger than the budget 90"),
      (dict(initial_fraction=1.0), r"initial_fraction must be in \(0, 1\)"),
-     (dict(rounds=3, initial_fraction=0.99), "leaves a round")],
+     (dict(rounds=3, initial_fraction=0.99), "leaves a round"),
+     (dict(buy_within=0.0), r"buy_within must be a fraction of the epochs in \(0, 1\]"),
+     (dict(buy_within=1.5), "buy_within must be")],
 )
 def test_bad_schedules_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -62,11 +73,14 @@ def test_student_driven_strategy_needs_a_first_round(tmp_path):
         datamodule(CountingTeacher(), tmp_path, "margin", rounds=1)
 
 
-@pytest.mark.parametrize("trainer_kw, message", [(dict(reload_dataloaders_every_n_epochs=2), "reloaded every epoch"),
-                                                 (dict(max_epochs=2), "max_epochs >= 3")])
-def test_trainer_settings_rounds_cannot_work_with_are_refused_at_fit_start(tmp_path, trainer_kw, message):
+@pytest.mark.parametrize("trainer_kw, dm_kw, message",
+                         [(dict(reload_dataloaders_every_n_epochs=2), {}, "reloaded every epoch"),
+                          (dict(max_epochs=2), {}, "max_epochs >= 3"),
+                          (dict(max_epochs=5), dict(buy_within=0.5),
+                           r"within the first 0.5 of them: give the Trainer max_epochs >= 6")])
+def test_trainer_settings_rounds_cannot_work_with_are_refused_at_fit_start(tmp_path, trainer_kw, dm_kw, message):
     teacher = CountingTeacher()
-    dm = datamodule(teacher, tmp_path / "cache", "margin")
+    dm = datamodule(teacher, tmp_path / "cache", "margin", **dm_kw)
     with pytest.raises(ValueError, match=message):
         fit(dm, tmp_path, epochs=trainer_kw.pop("max_epochs", EPOCHS), **trainer_kw)
     assert teacher.calls == 0
@@ -103,6 +117,18 @@ def test_student_driven_rounds_choose_differently_from_random(tmp_path):
     first = datamodule(CountingTeacher(), tmp_path / "x", "random")
     first.setup("fit")  # round 0 is the same class-balanced share for every strategy
     assert set(first.selected.tolist()) <= picks["random"] & picks["margin"]
+
+
+def test_rounds_bought_early_are_bought_at_their_epochs_and_filed_under_their_own_plan(tmp_path):
+    dm = datamodule(CountingTeacher(), tmp_path / "cache", "margin", buy_within=0.5)
+    trainer = fit(dm, tmp_path / "a", epochs=6)
+    assert [r["epoch"] for r in dm.round_log] == [1, 2] and dm.new_teacher_calls == BUDGET
+    assert trainer.global_step == 6 * (BUDGET // 15)
+    # a run spreading its rounds over all epochs has another student at each round: it does not replay these
+    spread = datamodule(CountingTeacher(), tmp_path / "cache", "margin")
+    fit(spread, tmp_path / "b")
+    assert not any(r["replayed"] for r in spread.round_log)
+    assert dm._plan_record()["buy_within"] == 0.5 and "buy_within" not in spread._plan_record()
 
 
 def test_one_round_is_todays_selection(tmp_path):
