@@ -52,24 +52,38 @@ class Cell(NamedTuple):
     views: int = 1
     matched: bool = False
     buy_within: float = 1.0
+    retrain: bool = False
 
     def name(self, seed: int) -> str:
         views = f"-v{self.views}{'matched' if self.matched else 'fresh'}" if self.views > 1 else ""
         within = f"w{self.buy_within:g}" if self.buy_within < 1 else ""
-        return f"{self.budget}-{self.method}-{self.strategy}-r{self.rounds}{within}{views}-{seed}"
+        return f"{self.budget}-{self.method}-{self.strategy}-r{self.rounds}{within}{views}{'-retrain' * self.retrain}-{seed}"
 
     @property
     def schedule(self) -> str:
-        """The rounds column: how many, and within which share of the epochs when not all of them."""
-        return f"{self.rounds} in first {100 * self.buy_within:g}%" if self.buy_within < 1 else str(self.rounds)
+        """The rounds column: how many, within which share of the epochs, and whether the student was retrained."""
+        text = f"{self.rounds} in first {100 * self.buy_within:g}%" if self.buy_within < 1 else str(self.rounds)
+        return text + ", retrained" * self.retrain
 
-    def datamodule_args(self) -> dict:
+    def chooser(self) -> Cell:
+        """The run whose cache a retrain trains on."""
+        return self._replace(retrain=False)
+
+    def run_args(self, seed: int, cache_root: Path) -> dict:
+        """run_one's name, cache and DataModule arguments; a retrain trains from scratch on what its chooser bought
+        (``selection="cached"``), recording the chooser's cell."""
+        if self.retrain:
+            chooser = self.chooser()
+            return dict(name=self.name(seed), cache_dir=cache_root / chooser.name(seed), selection="cached",
+                        record={"chosen_by": chooser._asdict()})
         within = {"buy_within": self.buy_within} if self.buy_within < 1 else {}
-        return dict(selection=self.strategy, rounds=self.rounds, views_per_sample=self.views,
-                    matched_views=self.matched, **within)
+        return dict(name=self.name(seed), cache_dir=cache_root / self.name(seed), selection=self.strategy,
+                    rounds=self.rounds, views_per_sample=self.views, matched_views=self.matched, **within)
 
     @classmethod
     def of(cls, run: dict) -> Cell:
+        if "chosen_by" in run:
+            return cls(**run["chosen_by"])._replace(retrain=True)
         s = run["selection"]
         return cls(run["budget"], run["method"], s["selection"], s["rounds"], s.get("views_per_sample", 1),
                    s.get("matched_views", False), s.get("buy_within", 1.0))
@@ -96,8 +110,8 @@ def table(runs: list[dict]) -> tuple[str, str]:
     for r in runs:
         cells.setdefault(Cell.of(r), []).append(r)
     order = sorted(cells, key=lambda c: (c.views > 1, c.budget, c.method, STRATEGIES.index(c.strategy)
-                                         if c.strategy in STRATEGIES else 99, c.rounds, -c.buy_within, c.views,
-                                         c.matched))
+                                         if c.strategy in STRATEGIES else 99, c.rounds, -c.buy_within, c.retrain,
+                                         c.views, c.matched))
     lines = ["| budget | method | strategy | rounds | views | test acc (%) | seeds | scoring s / round | fit min |",
              "|---" * 9 + "|"]
     csv = ["budget,method,strategy,rounds,buy_within,views,matched,mean_test_acc,std_test_acc,seeds,score_s_per_round,fit_s"]
@@ -171,6 +185,8 @@ def main() -> None:
     p.add_argument("--strategies", nargs="*", default=list(STRATEGIES), help="none: the view cells only")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--buy-within", type=float, default=1.0, help="every round bought within this share of the epochs")
+    p.add_argument("--retrain", action="store_true", help="after each strategy run, train a new student from scratch "
+                   "on what it bought (selection='cached'; 0 teacher calls)")
     p.add_argument("--views", type=int, nargs="*", default=[], help="view cells: V views per sample, fresh and "
                    "matched, KD, random samples, one round, at --views-budget")
     p.add_argument("--views-budget", type=int, default=2000)
@@ -199,14 +215,16 @@ def main() -> None:
     cells = [Cell(b, m, s, args.rounds, buy_within=args.buy_within) for b in args.budgets for m in args.methods for s in args.strategies]
     cells += [Cell(args.views_budget, "kd", "random", 1, v, matched) for v in args.views for matched in (False, True)
               if v > 1]
+    if args.retrain:  # each after its chooser (the pool runs them in order)
+        cells = [x for c in cells for x in ((c, c._replace(retrain=True)) if c.views == 1 else (c,))]
     todo = [(c, seed) for seed in args.seeds for c in cells if not _done(out / "runs" / f"{c.name(seed)}.json", cfg)]
     print(f"{len(todo)} runs to do ({args.workers} workers x {args.threads} threads); results in {out}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     signal.signal(signal.SIGTERM, _stop_workers)  # kill stops the runs in flight too
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         futures = [
-            pool.submit(run_one, c.budget, c.method, seed, cfg, out, cache_root, args.threads, name=c.name(seed),
-                        cache_dir=cache_root / c.name(seed), **c.datamodule_args())
+            pool.submit(run_one, c.budget, c.method, seed, cfg, out, cache_root, args.threads,
+                        **c.run_args(seed, cache_root))
             for c, seed in todo
         ]
         for fut in as_completed(futures):

@@ -96,11 +96,13 @@ def _trainer(epochs: int, callbacks: list, accelerator: str = "cpu"):
 
 
 def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root: Path, threads: int,
-            name: str | None = None, cache_dir: Path | None = None, **selection) -> dict | None:
+            name: str | None = None, cache_dir: Path | None = None, record: dict | None = None,
+            **selection) -> dict | None:
     """Train and test one (budget, method, seed); returns and stores its result as ``<out>/runs/<name>.json``.
 
     ``selection`` (``selection``, ``rounds``, ...) goes to the DataModule; ``cache_dir`` defaults to the seed's
-    shared cache under ``cache_root`` (its features cache for feature methods). Sweeps over the same ``out`` may
+    shared cache under ``cache_root`` (its features cache for feature methods); ``record`` is stored in the result
+    as it is (what the caller needs to tell the run apart). Sweeps over the same ``out`` may
     overlap: a run is claimed by the cache's writer lease (an exclusive ``flock`` on
     ``<out>/ckpt/writers/<name>.lock``, dropped by the kernel if its process dies), so a run another process is
     training returns ``None`` here, and one that finished meanwhile returns its stored result, instead of being
@@ -118,7 +120,8 @@ def run_one(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_roo
     try:
         if path.exists():  # finished by another sweep since this one listed its runs
             return json.loads(path.read_text())
-        result = _train(budget, method, seed, cfg, out, cache_root, threads, name, cache_dir, selection)
+        result = {**_train(budget, method, seed, cfg, out, cache_root, threads, name, cache_dir, selection),
+                  **(record or {})}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         return result

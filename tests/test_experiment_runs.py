@@ -208,12 +208,27 @@ def test_calls_to_match_interpolates_between_the_budgets_run():
     assert select_budget.calls_to_match(means, 67.0) == "> 2000"
 
 
+def test_a_retrain_trains_a_new_student_on_what_its_chooser_bought_with_no_teacher_call(runs):
+    tmp, _ = runs
+    cfg = dict(sweep_budget.PROTOCOLS["cpu"], epochs=1, accelerator="cpu", protocol="cpu")
+    chooser = select_budget.Cell(64, "kd", "random", 1)
+    retrain = chooser._replace(retrain=True)
+    first = sweep_budget.run_one(64, "kd", 0, cfg, tmp / "select", tmp / "cache", 1,
+                                 **chooser.run_args(0, tmp / "select-cache"))
+    r = sweep_budget.run_one(64, "kd", 0, cfg, tmp / "select", tmp / "cache", 1,
+                             **retrain.run_args(0, tmp / "select-cache"))
+    assert first["new_teacher_calls"] == 64 and r["new_teacher_calls"] == 0 and r["train_samples"] == 64
+    assert r["selection"] == {"selection": "cached"} and select_budget.Cell.of(r) == retrain
+    assert retrain.name(0) == "64-kd-random-r1-retrain-0"
+    assert "| 64 | kd | random | 1, retrained | 1 |" in select_budget.table([first, r])[0]
+
+
 def test_a_view_cell_runs_and_selection_cells_are_tabled_with_calls_to_match(runs):
     tmp, _ = runs
     cfg = dict(sweep_budget.PROTOCOLS["cpu"], epochs=1, accelerator="cpu", protocol="cpu")
     cell = select_budget.Cell(64, "kd", "random", 1, views=2, matched=True)
-    r = sweep_budget.run_one(64, "kd", 0, cfg, tmp / "select", tmp / "cache", 1, name=cell.name(0),
-                             cache_dir=tmp / "select-cache" / cell.name(0), **cell.datamodule_args())
+    r = sweep_budget.run_one(64, "kd", 0, cfg, tmp / "select", tmp / "cache", 1,
+                             **cell.run_args(0, tmp / "select-cache"))
     assert select_budget.Cell.of(r) == cell and r["new_teacher_calls"] == 64 and r["steps"] == 1
     assert r["train_samples"] == 32  # 64 calls = 32 samples x 2 views
 
