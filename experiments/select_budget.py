@@ -57,7 +57,8 @@ class Cell(NamedTuple):
     def name(self, seed: int) -> str:
         views = f"-v{self.views}{'matched' if self.matched else 'fresh'}" if self.views > 1 else ""
         within = f"w{self.buy_within:g}" if self.buy_within < 1 else ""
-        return f"{self.budget}-{self.method}-{self.strategy}-r{self.rounds}{within}{views}{'-retrain' * self.retrain}-{seed}"
+        retrain = "-retrain" if self.retrain else ""
+        return f"{self.budget}-{self.method}-{self.strategy}-r{self.rounds}{within}{views}{retrain}-{seed}"
 
     @property
     def schedule(self) -> str:
@@ -114,7 +115,8 @@ def table(runs: list[dict]) -> tuple[str, str]:
                                          c.views, c.matched))
     lines = ["| budget | method | strategy | rounds | views | test acc (%) | seeds | scoring s / round | fit min |",
              "|---" * 9 + "|"]
-    csv = ["budget,method,strategy,rounds,buy_within,views,matched,mean_test_acc,std_test_acc,seeds,score_s_per_round,fit_s"]
+    csv = ["budget,method,strategy,rounds,buy_within,retrain,views,matched,mean_test_acc,std_test_acc,seeds,"
+           "score_s_per_round,fit_s"]
     means: dict[Cell, float] = {}
     for c in order:
         rs = cells[c]
@@ -127,8 +129,8 @@ def table(runs: list[dict]) -> tuple[str, str]:
         views = f"{c.views} {'matched' if c.matched else 'fresh'}" if c.views > 1 else "1"
         lines.append(f"| {c.budget} | {c.method} | {c.strategy} | {c.schedule} | {views} | {acc.mean():.2f} ± "
                      f"{acc.std():.2f} | {len(rs)} | {score_s:.1f} | {fit_s / 60:.0f} |")
-        csv.append(f"{c.budget},{c.method},{c.strategy},{c.rounds},{c.buy_within:g},{c.views},{c.matched},{acc.mean():.3f},"
-                   f"{acc.std():.3f},{len(rs)},{score_s:.2f},{fit_s:.1f}")
+        csv.append(f"{c.budget},{c.method},{c.strategy},{c.rounds},{c.buy_within:g},{c.retrain},{c.views},"
+                   f"{c.matched},{acc.mean():.3f},{acc.std():.3f},{len(rs)},{score_s:.2f},{fit_s:.1f}")
     text = "\n".join(lines) + ("\n\nTest accuracy at the best-validation checkpoint, mean ± std over seeds; "
                                f"{len(runs)} runs.\n")
     match = []
@@ -140,7 +142,8 @@ def table(runs: list[dict]) -> tuple[str, str]:
             same = ref._replace(budget=0, strategy=strategy)
             curve = {c.budget: m for c, m in means.items() if c._replace(budget=0) == same}
             if len(curve) >= 2:
-                match.append(f"{strategy} ({method}, {ref.schedule} rounds; run at {', '.join(map(str, sorted(curve)))}): "
+                run_at = ", ".join(map(str, sorted(curve)))
+                match.append(f"{strategy} ({method}, {ref.schedule} rounds; run at {run_at}): "
                              f"{calls_to_match(curve, means[ref])}")
     if match:
         text += (f"\nTeacher calls needed to match {REFERENCE[0]} at {REFERENCE[1]} (linear between the budgets run): "
@@ -169,12 +172,14 @@ def plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         c = Cell.of(r)
         if c.views == 1:
-            lines.setdefault((c.method, c.strategy, c.schedule), {}).setdefault(c.budget, []).append(100 * r["test_acc"])
+            points = lines.setdefault((c.method, c.strategy, c.schedule), {})
+            points.setdefault(c.budget, []).append(100 * r["test_acc"])
     fig, ax = accuracy_axes()
     for (method, strategy, schedule), points in sorted(lines.items()):
         b = sorted(points)
         ax.errorbar(b, [np.mean(points[x]) for x in b], yerr=[np.std(points[x]) for x in b], marker="o", capsize=3,
-                    label=f"{method}, {strategy}, R={schedule}", lw=2 if "random" in strategy or "balanced" in strategy else 1)
+                    label=f"{method}, {strategy}, R={schedule}",
+                    lw=2 if "random" in strategy or "balanced" in strategy else 1)
     save(fig, ax, path, "teacher calls (budget)", "Choosing what the teacher sees (ResNet-8 student)")
 
 
@@ -212,7 +217,8 @@ def main() -> None:
     from lightning_kd.data.cifar import default_cache_dir
 
     cache_root = args.cache_root or default_cache_dir() / "select_budget"
-    cells = [Cell(b, m, s, args.rounds, buy_within=args.buy_within) for b in args.budgets for m in args.methods for s in args.strategies]
+    cells = [Cell(b, m, s, args.rounds, buy_within=args.buy_within)
+             for b in args.budgets for m in args.methods for s in args.strategies]
     cells += [Cell(args.views_budget, "kd", "random", 1, v, matched) for v in args.views for matched in (False, True)
               if v > 1]
     if args.retrain:  # each after its chooser (the pool runs them in order)

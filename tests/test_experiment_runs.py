@@ -220,7 +220,9 @@ def test_a_retrain_trains_a_new_student_on_what_its_chooser_bought_with_no_teach
     assert first["new_teacher_calls"] == 64 and r["new_teacher_calls"] == 0 and r["train_samples"] == 64
     assert r["selection"] == {"selection": "cached"} and select_budget.Cell.of(r) == retrain
     assert retrain.name(0) == "64-kd-random-r1-retrain-0"
-    assert "| 64 | kd | random | 1, retrained | 1 |" in select_budget.table([first, r])[0]
+    text, csv = select_budget.table([first, r])
+    assert "| 64 | kd | random | 1, retrained | 1 |" in text
+    assert csv.splitlines()[2].startswith("64,kd,random,1,1,True,1,False,")
 
 
 def test_a_view_cell_runs_and_selection_cells_are_tabled_with_calls_to_match(runs):

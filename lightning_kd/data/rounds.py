@@ -1,9 +1,9 @@
 """Buying the budget in rounds: how much each round buys, when it starts, and the student's scores of the pool.
 
 Round 0 buys a class-balanced random share of the budget; round ``r >= 1`` starts at epoch
-``floor(r * buy_within * max_epochs / rounds)`` (all rounds are bought within the first ``buy_within`` of
-training, so that most of the schedule, its high-learning-rate start included, trains on the whole budget), where the selection strategy scores the samples not bought yet with the student
-trained so far (forward passes only, never the teacher) and the DataModule buys the next share.
+``floor(r * buy_within * max_epochs / rounds)`` (every round within the first ``buy_within`` of the epochs), where
+the selection strategy scores the samples not bought yet with the student trained so far (forward passes only,
+never the teacher) and the DataModule buys the next share.
 """
 
 from __future__ import annotations
