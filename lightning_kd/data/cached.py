@@ -34,7 +34,7 @@ from lightning_kd.data.plan import (
     budget_in_checkpoint,
     open_cache,
 )
-from lightning_kd.data.rounds import RoundSchedule, RoundsMixin
+from lightning_kd.data.rounds import RoundSchedule, RoundsMixin, plan_key
 from lightning_kd.data.purchase import PurchaseMixin
 from lightning_kd.data.selection import select_samples
 from lightning_kd.data.serving import CachedOutputs, CachedTuples
@@ -66,6 +66,11 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
             run).
         initial_fraction: the share of the budget the first, class-balanced random round buys (None: equal shares,
             ``1 / rounds``); the rest is split evenly over the later rounds.
+        retrain: train on everything an earlier fit with the same round plan bought, from the first epoch, as if
+            it had all been bought up front: each round's choice is read from the cache's ledger (no scoring, no
+            new choice; 0 teacher calls once that fit has bought them). The student that trained through the
+            rounds was warm-started on a growing subset, which costs it accuracy: retrain the student you keep.
+            Refused, naming the rounds missing, before that fit has recorded them all.
         views_per_sample: teacher views bought per sample (:mod:`lightning_kd.data.multiview`): the budget counts
             calls, so ``budget // views_per_sample`` samples are chosen; batches then carry the (sample, view) key
             as ``"index"``. 1: one fixed view, as the official CKD code.
@@ -99,6 +104,7 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
         rounds: int = 1,
         initial_fraction: float | None = None,
         buy_within: float = 1.0,
+        retrain: bool = False,
         views_per_sample: int = 1,
         matched_views: bool = False,
         view: Literal["augmented", "clean"] = "augmented",
@@ -132,6 +138,7 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
             rounds=rounds,
             initial_fraction=initial_fraction,
             buy_within=buy_within,
+            retrain=retrain,
             views_per_sample=views_per_sample,
             matched_views=matched_views,
             view=view,
@@ -168,6 +175,9 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
             raise ValueError(f"{err}; or 'cached' (train on what the cache holds)") from None
         if selection == "cached" and rounds > 1:
             raise ValueError("selection='cached' trains on what the cache holds: it cannot buy in rounds (rounds=1)")
+        if retrain and (rounds == 1 or self.strategy is None):
+            raise ValueError("retrain=True trains on what an earlier fit bought in rounds: give that fit's rounds "
+                             "(>= 2) and selection, the plan its choices are recorded under")
         if self.strategy is not None and self.strategy.needs_student and rounds == 1:
             raise ValueError(f"selection={self.selection_name!r} chooses from the student's outputs, so it needs a "
                              "first round to train the student on: set rounds >= 2")
@@ -220,10 +230,25 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
             first = "class_balanced" if h.rounds > 1 else self.selection_name
             n = self.schedule.sizes[0] // h.views_per_sample
             self.selected = select_samples(pool, dm.targets(pool), n, first, h.seed)
+            if h.retrain:
+                self.selected = np.union1d(self.selected, self._recorded_rounds())
         rest = np.setdiff1d(pool, self.selected)
         n_val = min(round(h.budget * h.val_fraction / (1 - h.val_fraction)), len(rest))
         self.val_indices = np.random.default_rng(h.seed + 1).permutation(rest)[:n_val]  # any prefix: all classes
         self.candidates = np.setdiff1d(rest, self.val_indices)  # what later rounds choose from
+
+    def _recorded_rounds(self) -> np.ndarray:
+        """Every later round's choice recorded in the cache under this plan (``retrain``); refuses missing ones."""
+        cache = self._open_cache(self._resolve_teacher())
+        budget, key = TeacherBudget(self.h.budget, cache.directory), plan_key(self._round_plan())
+        picks = {r: budget.recorded_round(key, r) for r in range(1, self.h.rounds)}
+        missing = [r + 1 for r, p in picks.items() if p is None]  # rounds are counted from 1 in messages
+        if missing:
+            raise ValueError(
+                f"retrain=True trains on what a fit with this plan ({self._round_plan()}) bought, but round(s) "
+                f"{missing} of {self.h.rounds} are not recorded in {cache.directory}: run that fit first (the same "
+                "settings with retrain=False), to its last round")
+        return np.concatenate(list(picks.values()))
 
     def _open_cache(self, teacher: Teacher) -> TeacherCache:
         h = self.h
@@ -237,7 +262,7 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
         """Choose the training and validation samples (cheap; no teacher call); with rounds, check the Trainer."""
         if not hasattr(self, "selected"):
             self._plan()
-        if self.h.rounds > 1 and stage == "fit" and self.trainer is not None:
+        if self.buys_in_rounds and stage == "fit" and self.trainer is not None:
             self._check_trainer_for_rounds(self.trainer)
 
     def fill(self) -> None:
@@ -272,7 +297,18 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
         v = self.h.views_per_sample
         return self.selected if v == 1 else view_keys(self.selected, v, self.stride)
 
+    @property
+    def buys_in_rounds(self) -> bool:
+        """Whether this fit buys (or replays) rounds at epoch boundaries; a retrain has them all from the start."""
+        return self.h.rounds > 1 and not self.h.retrain
+
     def _plan_record(self) -> dict:
+        """What this fit trains on, recorded in the ledger (a retrain says so)."""
+        plan = self._round_plan()
+        return {**plan, "retrain": True} if self.h.retrain else plan
+
+    def _round_plan(self) -> dict:
+        """The settings a round's choice depends on: fits with the same plan replay each other's rounds."""
         h = self.h
         plan = {"selection": self.selection_name, "seed": h.seed, "budget": h.budget}
         if h.views_per_sample > 1:
@@ -317,7 +353,7 @@ class CachedTeacherDataModule(PurchaseMixin, TeacherSideMixin, RoundsMixin, Inde
         return split_sides(self.h.group_size)
 
     def train_dataloader(self) -> DataLoader:
-        if self.h.rounds > 1:
+        if self.buys_in_rounds:
             return self._round_loader()
         ds = self.train_dataset()
         if self.h.group_size == 1:

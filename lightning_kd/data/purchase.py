@@ -63,7 +63,8 @@ class PurchaseMixin:
                 stacklevel=3,
             )
         if rank == 0:
-            where = f"round {self.round + 1} of {h.rounds}: {calls} new teacher calls, " if h.rounds > 1 else ""
+            where = (f"round {self.round + 1} of {h.rounds}: {calls} new teacher calls, " if self.buys_in_rounds
+                     else f"retrain on the {h.rounds} rounds recorded: " if h.retrain else "")
             print(
                 f"[lightning_kd] {where}{self.new_teacher_calls} new teacher calls by this run (budget {h.budget}); "
                 f"training on {len(self.train_indices)} samples with cached outputs. Cache {cache.directory}: "

@@ -236,7 +236,7 @@ class RoundsMixin:
             r = self.round + 1
             candidates = np.setdiff1d(self.candidates, self.selected)
             picked, info = choose_round(
-                self.strategy, self.budget_state, plan_key(self._plan_record()), r, self.schedule.sizes[r],
+                self.strategy, self.budget_state, plan_key(self._round_plan()), r, self.schedule.sizes[r],
                 candidates, self.selected, self.datamodule.targets, self._score, self.h.seed, self._device(),
             )
             self.selected, self.round, self._train_loader = np.union1d(self.selected, picked), r, None

@@ -142,6 +142,32 @@ def test_one_round_is_todays_selection(tmp_path):
     assert np.array_equal(dm.selected, select_samples(pool, dm.targets(pool), BUDGET, "random", 0))
 
 
+def test_retrain_trains_from_the_first_epoch_on_exactly_what_its_plan_bought_for_no_call(tmp_path):
+    log, cache = tmp_path / "paid.log", tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"round\(s\) \[2, 3\] of 3 are not recorded .* run that fit first"):
+        datamodule(CountingTeacher(log=str(log)), cache, "margin", retrain=True).setup("fit")
+    with pytest.raises(ValueError, match="retrain=True trains on what an earlier fit bought in rounds"):
+        datamodule(CountingTeacher(), cache, "random", rounds=1, retrain=True)
+    chooser = datamodule(CountingTeacher(log=str(log)), cache, "margin")
+    fit(chooser, tmp_path / "a")
+    # the same samples and validation split as selection="cached" on a cache holding this purchase alone
+    cached = datamodule(CountingTeacher(), cache, "cached", rounds=1)
+    cached.setup("fit")
+    # another plan on the same cache buys more: the retrain still takes margin's purchase, and only it
+    with pytest.warns(UserWarning, match="no teacher outputs"):  # both plans share the cache's ledger, 180 in all
+        fit(datamodule(CountingTeacher(log=str(log)), cache, "random", budget=2 * BUDGET), tmp_path / "b")
+    paid = len(logged_samples(log))
+    assert paid > BUDGET
+
+    keep = datamodule(CountingTeacher(log=str(log)), cache, "margin", retrain=True)
+    trainer = fit(keep, tmp_path / "c", epochs=2)  # fewer epochs than the rounds need: a retrain buys none
+    assert np.array_equal(keep.selected, chooser.selected) and np.array_equal(keep.train_indices, chooser.selected)
+    assert np.array_equal(keep.selected, cached.selected) and np.array_equal(keep.val_indices, cached.val_indices)
+    assert keep.new_teacher_calls == 0 and len(logged_samples(log)) == paid and keep.round_log == []
+    assert trainer.global_step == 2 * (BUDGET // 15)
+    assert keep.budget_state.ledger.plans[-1]["retrain"] is True
+
+
 # -- kills, resumes, concurrent runs, DDP ---------------------------------------------------------------------------
 @pytest.mark.parametrize("die_at", ["epoch1", "5"], ids=["between-rounds", "inside-round-2-fill"])
 def test_a_kill_then_a_resume_spends_at_most_the_budget_and_serves_every_selected_sample(tmp_path, die_at):
