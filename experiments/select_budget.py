@@ -90,6 +90,15 @@ class Cell(NamedTuple):
                    s.get("matched_views", False), s.get("buy_within", 1.0))
 
 
+def run_cell(cell: Cell, seed: int, cfg: dict, out: Path, cache_root: Path, threads: int) -> dict | None:
+    """Train one cell's seed with :func:`run_one`; a retrain waits for its chooser's result (None until then), so
+    that a lane running beside the chooser's never trains on a purchase still being made."""
+    if cell.retrain and not (out / "runs" / f"{cell.chooser().name(seed)}.json").exists():
+        print(f"[{cell.name(seed)}] its chooser {cell.chooser().name(seed)} has not finished; skipped here", flush=True)
+        return None
+    return run_one(cell.budget, cell.method, seed, cfg, out, cache_root, threads, **cell.run_args(seed, cache_root))
+
+
 def calls_to_match(means: dict[int, float], target: float) -> str:
     """The budget at which the piecewise-linear curve through ``{budget: mean accuracy}`` first reaches ``target``
     ("≤ b" when the smallest budget run already does, "> b" when the largest does not)."""
@@ -228,14 +237,10 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     signal.signal(signal.SIGTERM, _stop_workers)  # kill stops the runs in flight too
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        futures = [
-            pool.submit(run_one, c.budget, c.method, seed, cfg, out, cache_root, args.threads,
-                        **c.run_args(seed, cache_root))
-            for c, seed in todo
-        ]
+        futures = [pool.submit(run_cell, c, seed, cfg, out, cache_root, args.threads) for c, seed in todo]
         for fut in as_completed(futures):
             r = fut.result()
-            if r is None:  # another process is training it
+            if r is None:  # another process is training it (or its chooser)
                 continue
             print(f"{Cell.of(r).name(r['seed'])}: test acc {100 * r['test_acc']:.2f}% ({r['fit_seconds']:.0f} s, "
                   f"{r['new_teacher_calls']} teacher calls)", flush=True)

@@ -213,6 +213,10 @@ def test_a_retrain_trains_a_new_student_on_what_its_chooser_bought_with_no_teach
     cfg = dict(sweep_budget.PROTOCOLS["cpu"], epochs=1, accelerator="cpu", protocol="cpu")
     chooser = select_budget.Cell(64, "kd", "random", 1)
     retrain = chooser._replace(retrain=True)
+    # a lane beside the chooser's must not train on a purchase still being made: the retrain waits for its result
+    assert select_budget.run_cell(retrain, 0, cfg, tmp / "select", tmp / "select-cache", 1) is None
+    assert not (tmp / "select" / "runs" / f"{retrain.name(0)}.json").exists()
+    assert not (tmp / "select-cache" / chooser.name(0)).exists()
     first = sweep_budget.run_one(64, "kd", 0, cfg, tmp / "select", tmp / "cache", 1,
                                  **chooser.run_args(0, tmp / "select-cache"))
     r = sweep_budget.run_one(64, "kd", 0, cfg, tmp / "select", tmp / "cache", 1,
