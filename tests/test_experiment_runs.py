@@ -243,10 +243,18 @@ def test_a_view_cell_runs_and_selection_cells_are_tabled_with_calls_to_match(run
         return {"budget": budget, "method": "kd", "seed": seed, "test_acc": acc / 100, "fit_seconds": 60.0,
                 "selection": {"selection": strategy, "rounds": 4}, "rounds_log": log}
 
+    def retrained(run, acc):  # what a retrain of that run stores
+        return {**run, "test_acc": acc / 100, "selection": {"selection": "cached"}, "rounds_log": [],
+                "chosen_by": select_budget.Cell.of(run)._asdict()}
+
     done = [strategy_run(2000, "class_balanced", 0, 65.0), strategy_run(2000, "class_balanced", 1, 67.0),
             strategy_run(1000, "margin", 0, 62.0), strategy_run(2000, "margin", 0, 68.0), r]
+    done += [retrained(done[0], 70.0), retrained(done[2], 66.0), retrained(done[3], 72.0)]
     text, csv = select_budget.table(done)
     assert "| 2000 | kd | class_balanced | 4 | 1 | 66.00 ± 1.00 | 2 | 3.0 | 1 |" in text
-    assert "| 64 | kd | random | 1 | 2 matched |" in text and len(csv.splitlines()) == 5
+    assert "| 2000 | kd | class_balanced | 4, retrained | 1 | 70.00 ± 0.00 | 1 | 0.0 | 1 |" in text
+    assert "| 64 | kd | random | 1 | 2 matched |" in text and len(csv.splitlines()) == 8
     # class-balanced at 2,000: 66.0; margin goes 62 -> 68 from 1,000 to 2,000 calls: 66.0 at 1,667
-    assert "margin (kd, 4 rounds; run at 1000, 2000): 1667" in text
+    assert "margin (kd, rounds 4; run at 1000, 2000): 1667" in text
+    # retrained students are matched against the retrained reference (70.0): margin 66 -> 72, 70.0 at 1,667 too
+    assert "margin (kd, rounds 4, retrained; run at 1000, 2000): 1667" in text
