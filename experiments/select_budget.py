@@ -143,9 +143,8 @@ def table(runs: list[dict]) -> tuple[str, str]:
     text = "\n".join(lines) + ("\n\nTest accuracy at the best-validation checkpoint, mean ± std over seeds; "
                                f"{len(runs)} runs.\n")
     match = []
-    for method, rounds, within, retrain in sorted({(c.method, c.rounds, c.buy_within, c.retrain)
-                                                    for c in means if c.views == 1}):
-        ref = Cell(REFERENCE[1], method, REFERENCE[0], rounds, buy_within=within, retrain=retrain)
+    # each schedule (rounds, buy_within, retrained or not) is matched against the reference cell with that schedule
+    for ref in sorted({c._replace(budget=REFERENCE[1], strategy=REFERENCE[0]) for c in means if c.views == 1}):
         if ref not in means:
             continue
         for strategy in STRATEGIES:
@@ -153,7 +152,7 @@ def table(runs: list[dict]) -> tuple[str, str]:
             curve = {c.budget: m for c, m in means.items() if c._replace(budget=0) == same}
             if len(curve) >= 2:
                 run_at = ", ".join(map(str, sorted(curve)))
-                match.append(f"{strategy} ({method}, rounds {ref.schedule}; run at {run_at}): "
+                match.append(f"{strategy} ({ref.method}, rounds {ref.schedule}; run at {run_at}): "
                              f"{calls_to_match(curve, means[ref])}")
     if match:
         text += (f"\nTeacher calls needed to match {REFERENCE[0]} at {REFERENCE[1]} (linear between the budgets run): "
