@@ -46,6 +46,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:  # the method registry beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from methods import FEATURE_TEACHER, GRID, LOGITS_TEACHER, METHODS, TEACHER_FEATURES  # noqa: E402
+from benchmarks.common import machine_info  # noqa: E402
 from sweep_report import report  # noqa: E402
 
 PROTOCOLS = {
@@ -198,6 +199,7 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
     # the curve (and the devices) back to the best epoch.
     fit_s, acc, devices = curve.elapsed(), list(curve.acc), list(curve.devices)
     test = trainer.test(model, dm, ckpt_path=ckpt.best_model_path, verbose=False)[0]  # the best, not the last
+    info = machine_info(trainer.strategy.root_device)
     result = {
         "budget": budget,
         "method": method,
@@ -219,6 +221,9 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
         "selection": dict(selection),
         "rounds_log": dm.round_log,
         "resumed_at_epoch": resumed_at,
+        # the machine that finished it: float rounding differs between CPUs (and torch builds), so the same run on
+        # another machine is another draw of its seed (README, "Reproducing a run")
+        "machine": {k: info[k] for k in ("cpu_model", "torch_version", "torch_threads", "device_name")},
     }
     Path(ckpt.best_model_path).unlink(missing_ok=True)
     last.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ def test_a_sweep_run_stores_its_result_and_the_table_is_rebuilt_from_the_runs(ru
     for r in (kd, gpd):
         assert r["steps"] == 1 and r["best_epoch"] == 1 and len(r["val_acc_curve"]) == 1
         assert 0 <= r["test_acc"] <= 1 and r["protocol"]["channels_last"] is True
+        assert r["machine"]["torch_threads"] == 1 and r["machine"]["cpu_model"]  # where it ran, for a rerun's gap
         stored = json.loads((tmp / "out" / "runs" / f"64-{r['method']}-0.json").read_text())
         assert stored["test_acc"] == r["test_acc"]
     assert 0 <= gpd["dt_test_acc"] <= 1 and gpd["extracted_max_abs_diff"] <= 1e-5
