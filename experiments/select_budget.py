@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 from figures import accuracy_axes, save
-from sweep_budget import PROTOCOLS, ROOT, _done, _stop_workers, run_one
+from sweep_budget import _done, _stop_workers, add_run_arguments, run_one, run_setup
 
 STRATEGIES = ("random", "class_balanced", "margin", "kcenter", "margin_kcenter", "badge")
 REFERENCE = ("class_balanced", 2000)  # what calls-to-match is measured against
@@ -204,28 +204,12 @@ def main() -> None:
     p.add_argument("--views", type=int, nargs="*", default=[], help="view cells: V views per sample, fresh and "
                    "matched, KD, random samples, one round, at --views-budget")
     p.add_argument("--views-budget", type=int, default=2000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--protocol", choices=PROTOCOLS, default="cpu")
-    p.add_argument("--epochs", type=int, help="override the protocol's epochs")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--accelerator", default="auto", help="as in sweep_budget.py: a GPU when there is one")
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "select_budget")
-    p.add_argument("--cache-root", type=Path, default=None, help="default: $LKD_CACHE_DIR/select_budget")
-    p.add_argument("--report-only", action="store_true")
-    p.add_argument("--readme", action="store_true", help="also write the table into README.md's selection block")
+    add_run_arguments(p, "select_budget")
     args = p.parse_args()
-    cfg = dict(PROTOCOLS[args.protocol], protocol=args.protocol, accelerator=args.accelerator)
-    if args.epochs:
-        cfg["epochs"] = args.epochs
-    out = args.out / args.protocol
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    cfg, out, cache_root = run_setup(args, "select_budget")
     if args.report_only:
         print(report(out, args.readme))
         return
-    from lightning_kd.data.cifar import default_cache_dir
-
-    cache_root = args.cache_root or default_cache_dir() / "select_budget"
     cells = [Cell(b, m, s, args.rounds, buy_within=args.buy_within)
              for b in args.budgets for m in args.methods for s in args.strategies]
     cells += [Cell(args.views_budget, "kd", "random", 1, v, matched) for v in args.views for matched in (False, True)

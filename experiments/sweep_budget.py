@@ -292,10 +292,8 @@ def _stop_workers(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000, 4000])
-    p.add_argument("--methods", nargs="+", default=list(GRID), choices=METHODS)
+def add_run_arguments(p: argparse.ArgumentParser, results: str) -> None:
+    """The options every experiment runner shares: seeds, protocol, parallelism, device, where results go."""
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--protocol", choices=PROTOCOLS, default="cpu")
     p.add_argument("--epochs", type=int, help="override the protocol's epochs")
@@ -303,23 +301,35 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator of every run: 'auto' takes a GPU "
                    "when there is one (several workers then share it: resnet8 runs are small), else the CPU")
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "budget_sweep")
-    p.add_argument("--cache-root", type=Path, default=None, help="default: $LKD_CACHE_DIR/sweep_budget")
-    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / results)
+    p.add_argument("--cache-root", type=Path, default=None, help="default: $LKD_CACHE_DIR/<runner>")
+    p.add_argument("--report-only", action="store_true", help="rebuild the tables and plot from the stored runs")
     p.add_argument("--readme", action="store_true", help="also write the tables into README.md's result blocks")
-    args = p.parse_args()
+
+
+def run_setup(args: argparse.Namespace, caches: str) -> tuple[dict, Path, Path]:
+    """``(protocol config, results folder, cache root)`` of a runner's arguments; creates ``<out>/runs``."""
+    from lightning_kd.data.cifar import default_cache_dir
+
     cfg = dict(PROTOCOLS[args.protocol], protocol=args.protocol, accelerator=args.accelerator)
     if args.epochs:
         cfg["epochs"] = args.epochs
     out = args.out / args.protocol
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    return cfg, out, args.cache_root or default_cache_dir() / caches
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000, 4000])
+    p.add_argument("--methods", nargs="+", default=list(GRID), choices=METHODS)
+    add_run_arguments(p, "budget_sweep")
+    args = p.parse_args()
+    cfg, out, cache_root = run_setup(args, "sweep_budget")
     if args.report_only:
         print(report(out, args.readme))
         return
 
-    from lightning_kd.data.cifar import default_cache_dir
-
-    cache_root = args.cache_root or default_cache_dir() / "sweep_budget"
     # Fill each seed's cache once, up front, for the largest budget (selections are nested, so every smaller
     # budget finds its outputs there); parallel runs then never call the teacher.
     # Feature methods share a second cache per seed (the module teacher, all four layers), filled the same way.
