@@ -147,16 +147,16 @@ def table(runs: list[dict]) -> tuple[str, str]:
     for ref in sorted({c._replace(budget=REFERENCE[1], strategy=REFERENCE[0]) for c in means if c.views == 1}):
         if ref not in means:
             continue
-        for strategy in STRATEGIES:
+        for strategy in (name for name in STRATEGIES if name != REFERENCE[0]):  # the reference itself is trivially 2,000
             same = ref._replace(budget=0, strategy=strategy)
             curve = {c.budget: m for c, m in means.items() if c._replace(budget=0) == same}
             if len(curve) >= 2:
-                run_at = ", ".join(map(str, sorted(curve)))
-                match.append(f"{strategy} ({ref.method}, rounds {ref.schedule}; run at {run_at}): "
-                             f"{calls_to_match(curve, means[ref])}")
+                match.append(f"| {strategy} | {ref.method} | {ref.schedule} | {', '.join(map(str, sorted(curve)))} | "
+                             f"{calls_to_match(curve, means[ref])} |")
     if match:
-        text += (f"\nTeacher calls needed to match {REFERENCE[0]} at {REFERENCE[1]} (linear between the budgets run): "
-                 + "; ".join(match) + ".\n")
+        text += (f"\nTeacher calls needed to match {REFERENCE[0]} at {REFERENCE[1]} with the same method and rounds "
+                 "(linear between the budgets run):\n\n| strategy | method | rounds | budgets run | calls to match |\n"
+                 + "|---" * 5 + "|\n" + "\n".join(match) + "\n")
     return text, "\n".join(csv) + "\n"
 
 

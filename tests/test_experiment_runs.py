@@ -256,6 +256,6 @@ def test_a_view_cell_runs_and_selection_cells_are_tabled_with_calls_to_match(run
     assert "| 2000 | kd | class_balanced | 4, retrained | 1 | 70.00 ± 0.00 | 1 | 0.0 | 1 |" in text
     assert "| 64 | kd | random | 1 | 2 matched |" in text and len(csv.splitlines()) == 8
     # class-balanced at 2,000: 66.0; margin goes 62 -> 68 from 1,000 to 2,000 calls: 66.0 at 1,667
-    assert "margin (kd, rounds 4; run at 1000, 2000): 1667" in text
+    assert "| margin | kd | 4 | 1000, 2000 | 1667 |" in text
     # retrained students are matched against the retrained reference (70.0): margin 66 -> 72, 70.0 at 1,667 too
-    assert "margin (kd, rounds 4, retrained; run at 1000, 2000): 1667" in text
+    assert "| margin | kd | 4, retrained | 1000, 2000 | 1667 |" in text
