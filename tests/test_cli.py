@@ -24,7 +24,8 @@ METRICS = ("train/loss", "train/acc", "val/acc", "val/loss", "test/acc", "test/l
 def _tiny(tmp_path: Path) -> list[str]:
     return [
         "fit", "--config", str(SUPERVISED),
-        "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+        # not "1": on the command line it parses as the float 1.0, i.e. every batch (10,000 test images)
+        "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
         "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1", "--data.init_args.eval_batch_size", "128",
