@@ -11,7 +11,9 @@ exactly what the sweep built before this registry, so their stored runs stay com
   KL: the arXiv release), ckd_average and ckd_mixup (CKD's combine ablations, pairs, MSE).
 * Feature methods (the features cache: the same teacher as a module, its stage outputs recorded in the same
   call): the white-box baselines hint (FitNet), vid, cc (CE + KD + the feature loss) and their CKD forms
-  ckd_hint, ckd_vid, ckd_cc (the feature loss on the side differences of pairs).
+  ckd_hint, ckd_vid, ckd_cc (the feature loss on the side differences of pairs); hint_teacher_view and
+  ckd_hint_teacher_view take the student's feature from the teacher's own view (``feature_view="teacher"``, the
+  logit terms still on the fresh augmentation) instead of the fresh augmentation, whose crop the teacher never saw.
 * GPD (:class:`GapPreservingDistillation`, ratio 2, defaults): gpd (KD terms), gpd_ckd (CKD terms on pairs) and
   gpd_scratch (``kd_weight=0``: CE + SCE only, on the same budget's samples; the static teacher's outputs are
   never read).
@@ -49,6 +51,11 @@ class Method:
         return dict(self.kwargs.get("student_features") or {})
 
     @property
+    def serve_teacher_view(self) -> bool:
+        """Whether its batches must carry the teacher's own view (``feature_view="teacher"``)."""
+        return self.kwargs.get("feature_view") == "teacher"
+
+    @property
     def needs_features(self) -> bool:
         """Whether it trains on the features cache (the teacher's recorded layers) instead of the logits cache."""
         return bool(self.student_features)
@@ -64,12 +71,18 @@ def _kd(method: str) -> Method:
     return Method("KnowledgeDistillation", {"method": method})
 
 
-def _white_box(loss: str) -> Method:
-    return Method("KnowledgeDistillation", {"method": loss, "student_features": STUDENT_LAYERS[loss]})
+def _view(feature_view: str) -> dict[str, str]:
+    return {} if feature_view == "student" else {"feature_view": feature_view}  # the default: kwargs unchanged
 
 
-def _ckd_features(loss: str) -> Method:
-    return Method("ComparativeDistillation", {"feature_loss": loss, "student_features": STUDENT_LAYERS[loss]}, 2)
+def _white_box(loss: str, feature_view: str = "student") -> Method:
+    return Method("KnowledgeDistillation",
+                  {"method": loss, "student_features": STUDENT_LAYERS[loss], **_view(feature_view)})
+
+
+def _ckd_features(loss: str, feature_view: str = "student") -> Method:
+    return Method("ComparativeDistillation",
+                  {"feature_loss": loss, "student_features": STUDENT_LAYERS[loss], **_view(feature_view)}, 2)
 
 
 METHODS: dict[str, Method] = {
@@ -82,6 +95,8 @@ METHODS: dict[str, Method] = {
     "ckd_mixup": Method("ComparativeDistillation", {"combine": "mixup"}, 2),
     **{m: _white_box(m) for m in ("hint", "vid", "cc")},
     **{f"ckd_{m}": _ckd_features(m) for m in ("hint", "vid", "cc")},
+    "hint_teacher_view": _white_box("hint", "teacher"),
+    "ckd_hint_teacher_view": _ckd_features("hint", "teacher"),
     "gpd": Method("GapPreservingDistillation", {"distill": "kd"}),
     "gpd_ckd": Method("GapPreservingDistillation", {"distill": "ckd"}, 2),
     "gpd_scratch": Method("GapPreservingDistillation", {"distill": "kd", "kd_weight": 0.0}),

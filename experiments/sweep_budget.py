@@ -19,7 +19,8 @@ Methods (the registry ``experiments/methods.py``: module, arguments, group size,
 ce (no teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), ckd (:class:`ComparativeDistillation`,
 pairs, MSE: the WACV release) and ckd_kl3 (groups of 3, KL: the arXiv release). On request (``--methods``): crd (CE +
 KD + 0.8·CRD on logits, the official CKD baseline); ckd_average, ckd_mixup (CKD's combine ablations); the white-box
-baselines hint, vid, cc and feature CKD ckd_hint, ckd_vid, ckd_cc; gpd, gpd_ckd (GPD with KD / CKD terms) and
+baselines hint, vid, cc and feature CKD ckd_hint, ckd_vid, ckd_cc (hint_teacher_view, ckd_hint_teacher_view: the
+student's feature from the teacher's own view instead of its fresh augmentation); gpd, gpd_ckd (GPD with KD / CKD terms) and
 gpd_scratch (GPD without a teacher signal, on the same samples). Each run also stores its validation-accuracy
 curve and best epoch (the convergence evidence); GPD runs also the dynamic teacher's test accuracy at the same
 checkpoint (``dt_test_acc``; ``test_acc`` is the student's, i.e. the extracted student's). All use the same
@@ -70,8 +71,9 @@ def _cache_dir(cache_root: Path, seed: int, features: bool = False) -> Path:
 
 
 def _datamodule(budget: int, seed: int, group_size: int, cache_dir: Path, batch_size: int, progress: bool = False,
-                eval_batch_size: int = 512, features: bool = False, **selection):
-    """The sweep's DataModule; ``features``: the module teacher recording :data:`TEACHER_FEATURES` as well."""
+                eval_batch_size: int = 512, features: bool = False, serve_teacher_view: bool = False, **selection):
+    """The sweep's DataModule; ``features``: the module teacher recording :data:`TEACHER_FEATURES` as well;
+    ``serve_teacher_view``: batches also carry the teacher's own view (for ``feature_view="teacher"``)."""
     from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
 
     teacher = (dict(teacher=dict(FEATURE_TEACHER), teacher_features=dict(TEACHER_FEATURES)) if features
@@ -84,6 +86,7 @@ def _datamodule(budget: int, seed: int, group_size: int, cache_dir: Path, batch_
         seed=seed,
         group_size=group_size,
         progress=progress,
+        serve_teacher_view=serve_teacher_view,
         **selection,
     )
 
@@ -184,7 +187,7 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
                        channels_last=cfg.get("channels_last", False))
     dm = _datamodule(budget, seed, spec.group_size, cache_dir or _cache_dir(cache_root, seed, spec.needs_features),
                      cfg["batch_size"], eval_batch_size=cfg.get("eval_batch_size", 512), features=spec.needs_features,
-                     **selection)
+                     serve_teacher_view=spec.serve_teacher_view, **selection)
     # `last.ckpt` after every epoch: a run cut off (a session's end, a kill) resumes from its last finished epoch
     # with its curve, best checkpoint and fit time; the data order after the resume is fresh, not replayed.
     # (Lightning's save_last writes only when the best improves, so the last epoch gets its own checkpoint.)

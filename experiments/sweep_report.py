@@ -14,8 +14,9 @@ from readme import fill
 # The README's result blocks (``--readme``): name -> (methods, budgets; None: every budget run).
 README_BLOCKS = {
     "budget sweep table": (GRID, None),
-    "ckd evidence table": (("ce", "kd", "ckd", "ckd_average", "ckd_mixup", "crd", "hint", "ckd_hint", "vid",
-                            "ckd_vid", "cc", "ckd_cc", "gpd", "gpd_ckd", "gpd_scratch"), (2000,)),
+    "ckd evidence table": (("ce", "kd", "ckd", "ckd_average", "ckd_mixup", "crd", "hint", "ckd_hint",
+                            "hint_teacher_view", "ckd_hint_teacher_view", "vid", "ckd_vid", "cc", "ckd_cc", "gpd",
+                            "gpd_ckd", "gpd_scratch"), (2000,)),
 }
 
 
