@@ -8,8 +8,8 @@ of cell:
 * **strategies**: the budget bought in ``rounds`` shares, a class-balanced random one before training, then one at
   each round's first epoch, chosen by the strategy from the student's scores of the samples not bought yet;
 * **views** (``--views``): ``V`` teacher views of ``budget // V`` random samples, the student trained on fresh
-  augmentations or on exactly the teacher's views (``matched``), all bought before training (V = 1 is the budget
-  sweep's KD cell: the same random samples and protocol).
+  augmentations or on exactly the teacher's views (``matched``), all bought before training; ``--views`` also runs
+  their V = 1 reference, random samples bought before training, on this machine.
 
 Each run has a cache of its own, so its budget is really spent. Runs are resumable like the sweep's
 (``<out>/runs/<name>.json``, skipped when present under the same protocol; a run cut off resumes from its last
@@ -192,7 +192,23 @@ def plot(runs: list[dict], path: Path) -> None:
     save(fig, ax, path, "teacher calls (budget)", "Choosing what the teacher sees (ResNet-8 student)")
 
 
-def main() -> None:
+def plan(args: argparse.Namespace) -> list[Cell]:
+    """The cells a command line asks for, each retrain right after its chooser (the pool runs them in order). The
+    view cells come with their V = 1 reference: random samples, one round, the same budget, on this machine (a
+    machine moves a run by up to ~2 points, so the budget sweep's KD cell is no reference for them)."""
+    cells = [Cell(b, m, s, args.rounds, buy_within=args.buy_within)
+             for b in args.budgets for m in args.methods for s in args.strategies]
+    if args.views:
+        cells.append(Cell(args.views_budget, "kd", "random", 1))
+        cells += [Cell(args.views_budget, "kd", "random", 1, v, matched) for v in args.views if v > 1
+                  for matched in (False, True)]
+    if args.retrain:
+        cells = [x for c in cells for x in ((c, c._replace(retrain=True)) if c.views == 1 and c.rounds > 1 else (c,))]
+    return list(dict.fromkeys(cells))  # once each, in order
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (``--help``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000])
     p.add_argument("--methods", nargs="+", default=["kd"], choices=("kd", "ckd", "ckd_kl3"))
@@ -202,20 +218,19 @@ def main() -> None:
     p.add_argument("--retrain", action="store_true", help="after each strategy run, train a new student from scratch "
                    "on what it bought (selection='cached'; 0 teacher calls)")
     p.add_argument("--views", type=int, nargs="*", default=[], help="view cells: V views per sample, fresh and "
-                   "matched, KD, random samples, one round, at --views-budget")
+                   "matched, KD, random samples, one round, at --views-budget (with their V = 1 reference)")
     p.add_argument("--views-budget", type=int, default=2000)
     add_run_arguments(p, "select_budget")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     cfg, out, cache_root = run_setup(args, "select_budget")
     if args.report_only:
         print(report(out, args.readme))
         return
-    cells = [Cell(b, m, s, args.rounds, buy_within=args.buy_within)
-             for b in args.budgets for m in args.methods for s in args.strategies]
-    cells += [Cell(args.views_budget, "kd", "random", 1, v, matched) for v in args.views for matched in (False, True)
-              if v > 1]
-    if args.retrain:  # each after its chooser (the pool runs them in order)
-        cells = [x for c in cells for x in ((c, c._replace(retrain=True)) if c.views == 1 else (c,))]
+    cells = plan(args)
     todo = [(c, seed) for seed in args.seeds for c in cells if not _done(out / "runs" / f"{c.name(seed)}.json", cfg)]
     print(f"{len(todo)} runs to do ({args.workers} workers x {args.threads} threads); results in {out}")
     os.environ.setdefault("WANDB_MODE", "disabled")

@@ -259,3 +259,16 @@ def test_a_view_cell_runs_and_selection_cells_are_tabled_with_calls_to_match(run
     assert "| margin | kd | 4 | 1000, 2000 | 1667 |" in text
     # retrained students are matched against the retrained reference (70.0): margin 66 -> 72, 70.0 at 1,667 too
     assert "| margin | kd | 4, retrained | 1000, 2000 | 1667 |" in text
+
+
+def test_the_command_line_plans_each_retrain_after_its_chooser_and_the_view_cells_with_their_reference():
+    args = select_budget.parser().parse_args(["--budgets", "2000", "--strategies", "margin", "--buy-within", "0.2",
+                                              "--retrain", "--views", "1", "2"])
+    chooser = select_budget.Cell(2000, "kd", "margin", 4, buy_within=0.2)
+    reference = select_budget.Cell(2000, "kd", "random", 1)  # V = 1, bought before training: no retrain
+    assert select_budget.plan(args) == [chooser, chooser._replace(retrain=True), reference,
+                                        reference._replace(views=2), reference._replace(views=2, matched=True)]
+    only_views = select_budget.parser().parse_args(["--strategies", "--views", "4", "--views-budget", "1000"])
+    assert [(c.budget, c.views, c.matched) for c in select_budget.plan(only_views)] == [(1000, 1, False),
+                                                                                        (1000, 4, False),
+                                                                                        (1000, 4, True)]
