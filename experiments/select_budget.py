@@ -176,20 +176,30 @@ def report(out: Path, readme: bool = False) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """Accuracy vs budget per (method, strategy) of the strategy cells, mean ± std over seeds."""
-    lines: dict[tuple[str, str], dict[int, list[float]]] = {}
+    """Accuracy vs budget, mean ± std over seeds, one colour per strategy: the students retrained on what each
+    strategy bought (solid: these compare the choices), the students that chose, in rounds (dotted), and random
+    samples bought before training (black, dashed). Early one-seed schedules are in the table only."""
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple[str, str, str], dict[int, list[float]]] = {}
     for r in runs:
         c = Cell.of(r)
-        if c.views == 1:
-            points = lines.setdefault((c.method, c.strategy, c.schedule), {})
-            points.setdefault(c.budget, []).append(100 * r["test_acc"])
+        if c.views > 1 or (c.rounds > 1 and c.buy_within == 1.0):
+            continue
+        kind = "up front" if c.rounds == 1 else "retrained" if c.retrain else "in rounds"
+        lines.setdefault((c.method, c.strategy, kind), {}).setdefault(c.budget, []).append(100 * r["test_acc"])
+    colours = plt.get_cmap("tab10").colors
+    style = {"retrained": dict(ls="-", lw=2, marker="o"), "in rounds": dict(ls=":", lw=1, marker="o"),
+             "up front": dict(ls="--", lw=2, marker="s", zorder=3)}
     fig, ax = accuracy_axes()
-    for (method, strategy, schedule), points in sorted(lines.items()):
+    for (method, strategy, kind), points in sorted(lines.items(), key=lambda x: (x[0][2] != "up front", x[0])):
         b = sorted(points)
-        ax.errorbar(b, [np.mean(points[x]) for x in b], yerr=[np.std(points[x]) for x in b], marker="o", capsize=3,
-                    label=f"{method}, {strategy}, R={schedule}",
-                    lw=2 if "random" in strategy or "balanced" in strategy else 1)
-    save(fig, ax, path, "teacher calls (budget)", "Choosing what the teacher sees (ResNet-8 student)")
+        known = STRATEGIES.index(strategy) if strategy in STRATEGIES else len(STRATEGIES)  # e.g. entropy
+        colour = "black" if kind == "up front" else colours[known % len(colours)]
+        ax.errorbar(b, [np.mean(points[x]) for x in b], yerr=[np.std(points[x]) for x in b], capsize=3,
+                    color=colour, label=f"{method}, {strategy}, {kind}", **style[kind])
+    save(fig, ax, path, "teacher calls (budget)", "Choosing what the teacher sees (ResNet-8 student)",
+         legend_outside=True)
 
 
 def plan(args: argparse.Namespace) -> list[Cell]:
