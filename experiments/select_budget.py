@@ -147,7 +147,9 @@ def table(runs: list[dict]) -> tuple[str, str]:
     for ref in sorted({c._replace(budget=REFERENCE[1], strategy=REFERENCE[0]) for c in means if c.views == 1}):
         if ref not in means:
             continue
-        for strategy in (name for name in STRATEGIES if name != REFERENCE[0]):  # the reference itself is trivially 2,000
+        for strategy in STRATEGIES:
+            if strategy == REFERENCE[0]:  # the reference matches itself at its own budget: no row
+                continue
             same = ref._replace(budget=0, strategy=strategy)
             curve = {c.budget: m for c, m in means.items() if c._replace(budget=0) == same}
             if len(curve) >= 2:

@@ -20,8 +20,8 @@ ce (no teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), 
 pairs, MSE: the WACV release) and ckd_kl3 (groups of 3, KL: the arXiv release). On request (``--methods``): crd (CE +
 KD + 0.8·CRD on logits, the official CKD baseline); ckd_average, ckd_mixup (CKD's combine ablations); the white-box
 baselines hint, vid, cc and feature CKD ckd_hint, ckd_vid, ckd_cc (hint_teacher_view, ckd_hint_teacher_view: the
-student's feature from the teacher's own view instead of its fresh augmentation); gpd, gpd_ckd (GPD with KD / CKD terms) and
-gpd_scratch (GPD without a teacher signal, on the same samples). Each run also stores its validation-accuracy
+student's feature from the teacher's own view instead of its fresh augmentation); gpd, gpd_ckd (GPD with KD / CKD
+terms) and gpd_scratch (GPD without a teacher signal, on the same samples). Each run also stores its validation-accuracy
 curve and best epoch (the convergence evidence); GPD runs also the dynamic teacher's test accuracy at the same
 checkpoint (``dt_test_acc``; ``test_acc`` is the student's, i.e. the extracted student's). All use the same
 selected samples and one fixed teacher view each, and the same optimizer steps: an epoch is budget // 64 batches
@@ -344,7 +344,8 @@ def main() -> None:
             print(f"seed {seed}: {_cache_dir(cache_root, seed, features)} filled, {dm.new_teacher_calls} new teacher "
                   "calls", flush=True)
 
-    todo = [(b, m, s) for s in args.seeds for b in args.budgets for m in args.methods if not _done(out / "runs" / f"{b}-{m}-{s}.json", cfg)]
+    todo = [(b, m, s) for s in args.seeds for b in args.budgets for m in args.methods
+            if not _done(out / "runs" / f"{b}-{m}-{s}.json", cfg)]
     print(f"{len(todo)} runs to do ({args.workers} workers x {args.threads} threads); results in {out}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     signal.signal(signal.SIGTERM, _stop_workers)
