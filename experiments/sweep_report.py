@@ -11,13 +11,16 @@ from figures import accuracy_axes, save
 from methods import GRID, METHODS
 from readme import fill
 
-# The README's result blocks (``--readme``): name -> (methods, budgets; None: every budget run).
-README_BLOCKS = {
-    "budget sweep table": (GRID, None),
-    "ckd evidence table": (("ce", "kd", "ckd", "ckd_average", "ckd_mixup", "crd", "hint", "ckd_hint",
-                            "hint_teacher_view", "ckd_hint_teacher_view", "vid", "ckd_vid", "cc", "ckd_cc", "gpd",
-                            "gpd_ckd", "gpd_scratch"), (2000,)),
-}
+# The runs of the issue-17 evidence (budget 2,000, one machine), its seed-paired contrasts (a minus b: each feature
+# loss's CKD form against its white-box baseline, the teacher's view against a fresh crop, CRD against the KD it adds
+# to, CKD inside GPD against GPD-KD and against CKD), and CKD's combine ablations in the budget sweep.
+EVIDENCE = ("kd", "ckd", "crd", "hint", "ckd_hint", "hint_teacher_view", "ckd_hint_teacher_view", "vid", "ckd_vid",
+            "cc", "ckd_cc", "gpd", "gpd_ckd")
+EVIDENCE_CONTRASTS = (("ckd_hint", "hint"), ("ckd_vid", "vid"), ("ckd_cc", "cc"),
+                      ("ckd_hint_teacher_view", "hint_teacher_view"), ("hint_teacher_view", "hint"),
+                      ("ckd_hint_teacher_view", "ckd_hint"), ("ckd_hint", "ckd"), ("crd", "kd"), ("gpd_ckd", "gpd"),
+                      ("gpd_ckd", "ckd"))
+ABLATIONS = ("ce", "kd", "ckd", "ckd_average", "ckd_mixup", "gpd", "gpd_scratch")
 
 
 def _cpu_only(run: dict) -> bool:
@@ -72,43 +75,77 @@ def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int]
     return text, "\n".join(csv) + "\n"
 
 
+def _seed_differences(acc: dict, a: str, b: str, budget: int) -> str:
+    """``a`` minus ``b`` at ``budget``, paired by seed: the mean difference, each seed's, and on how many ``a`` is
+    ahead; "–" when they share no seed."""
+    seeds = sorted(s for m, bb, s in acc if (m, bb) == (a, budget) and (b, budget, s) in acc)
+    d = [acc[a, budget, s] - acc[b, budget, s] for s in seeds]
+    if not d:
+        return "–"
+    return f"{np.mean(d):+.2f} ({', '.join(f'{x:+.1f}' for x in d)}; ahead on {sum(x > 0 for x in d)} of {len(d)})"
+
+
+def _accuracies(runs: list[dict]) -> dict[tuple[str, int, int], float]:
+    return {(r["method"], r["budget"], r["seed"]): 100 * r["test_acc"] for r in runs}
+
+
 def paired(runs: list[dict], reference: str = "ckd", methods: list[str] | None = None,
            budgets: list[int] | None = None) -> str:
     """Markdown: ``reference`` minus each other method, paired by seed (a seed fixes the samples, their teacher
     outputs and the initialisation, so the pair differs only by the method): the mean difference, each seed's,
     and on how many of them the reference is ahead."""
     budgets = budgets or sorted({r["budget"] for r in runs})
-    acc = {(r["method"], r["budget"], r["seed"]): 100 * r["test_acc"] for r in runs}
+    acc = _accuracies(runs)
     names = {r["method"] for r in runs} - {reference}
     methods = [m for m in (methods or [*METHODS, *sorted(names - set(METHODS))]) if m in names]
     lines = [f"| {reference} minus | " + " | ".join(f"budget {b}" for b in budgets) + " |",
              "|---" * (len(budgets) + 1) + "|"]
     for m in methods:
-        cells = []
-        for b in budgets:
-            seeds = sorted(s for mm, bb, s in acc if (mm, bb) == (reference, b) and (m, b, s) in acc)
-            d = [acc[reference, b, s] - acc[m, b, s] for s in seeds]
-            if not d:
-                cells.append("–")
-                continue
-            cells.append(f"{np.mean(d):+.2f} ({', '.join(f'{x:+.1f}' for x in d)}; ahead on "
-                         f"{sum(x > 0 for x in d)} of {len(d)})")
+        cells = [_seed_differences(acc, reference, m, b) for b in budgets]
         if any(c != "–" for c in cells):
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def contrasts(runs: list[dict], pairs: tuple[tuple[str, str], ...], budget: int) -> str:
+    """Markdown: each pair's ``a`` minus ``b`` at ``budget``, paired by seed (as :func:`paired`); a pair with no
+    shared seed yet is left out."""
+    acc = _accuracies(runs)
+    rows = [(a, b, _seed_differences(acc, a, b, budget)) for a, b in pairs]
+    lines = [f"| a minus b, budget {budget} | difference |", "|---|---|"]
+    lines += [f"| {a} minus {b} | {cell} |" for a, b, cell in rows if cell != "–"]
+    return "\n".join(lines) + "\n"
+
+
+# The README's result blocks (``--readme``) of each results folder (``--out``'s name): block name -> its text from
+# the folder's runs. A block never mixes two folders' runs (two machines: a machine moves a run by up to ~2 points).
+README_BLOCKS = {
+    "budget_sweep": {
+        "budget sweep table": lambda runs: table(runs, list(GRID))[0],
+        "ckd paired table": lambda runs: paired(runs, "ckd", list(GRID)),
+        "ckd ablation table": lambda runs: table(runs, list(ABLATIONS), [2000])[0],
+    },
+    "ckd_evidence": {
+        "ckd evidence table": lambda runs: table(runs, list(EVIDENCE), [2000])[0],
+        "ckd evidence contrasts": lambda runs: contrasts(runs, EVIDENCE_CONTRASTS, 2000),
+    },
+}
+
+
 def report(out: Path, readme: bool = False) -> str:
     """Rebuild ``table.md``, ``table.csv`` and ``accuracy_vs_budget.png`` from the stored runs; with ``readme``, the
     README's blocks of :data:`README_BLOCKS` too."""
+    folder = out.parent.name  # <folder>/<protocol>
+    if readme and folder not in README_BLOCKS:
+        raise SystemExit(f"--readme: the README has no result blocks for the runs in {out.parent} (it has blocks for "
+                         f"{', '.join(README_BLOCKS)} under experiments/results/)")
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     text, csv = table(runs)
     (out / "table.md").write_text(text + "\n" + paired(runs))
     (out / "table.csv").write_text(csv)
     if readme:
-        for block, (methods, budgets) in README_BLOCKS.items():
-            fill(block, table(runs, list(methods), list(budgets) if budgets else None)[0])
-        fill("ckd paired table", paired(runs, "ckd", list(GRID), None))
+        for block, make in README_BLOCKS[folder].items():
+            fill(block, make(runs))
 
     budgets = sorted({r["budget"] for r in runs})
     fig, ax = accuracy_axes()

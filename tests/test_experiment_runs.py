@@ -272,3 +272,25 @@ def test_the_command_line_plans_each_retrain_after_its_chooser_and_the_view_cell
     assert [(c.budget, c.views, c.matched) for c in select_budget.plan(only_views)] == [(1000, 1, False),
                                                                                         (1000, 4, False),
                                                                                         (1000, 4, True)]
+
+
+def test_evidence_contrasts_pair_by_seed_and_leave_out_pairs_with_no_shared_seed():
+    def run(method, seed, acc):
+        return {"method": method, "budget": 2000, "seed": seed, "test_acc": acc / 100}
+
+    runs = [run("ckd_hint", 0, 68.0), run("ckd_hint", 1, 66.0), run("hint", 0, 67.0), run("hint", 1, 66.5),
+            run("crd", 2, 65.0), run("kd", 1, 64.0)]
+    rows = sweep_report.contrasts(runs, (("ckd_hint", "hint"), ("crd", "kd"), ("gpd_ckd", "gpd")), 2000).splitlines()
+    assert rows == ["| a minus b, budget 2000 | difference |", "|---|---|",
+                    "| ckd_hint minus hint | +0.25 (+1.0, -0.5; ahead on 1 of 2) |"]
+
+
+def test_each_results_folder_fills_only_its_own_readme_blocks_and_every_block_exists():
+    readme_text = (Path(sweep_report.__file__).parents[1] / "README.md").read_text()
+    names = [b for blocks in sweep_report.README_BLOCKS.values() for b in blocks]
+    assert len(names) == len(set(names))  # no block is filled from two folders (two machines)
+    for name in names:
+        assert f"<!-- {name}: " in readme_text and f"<!-- /{name} -->" in readme_text
+    assert set(sweep_report.EVIDENCE) >= {m for pair in sweep_report.EVIDENCE_CONTRASTS for m in pair}
+    with pytest.raises(SystemExit, match="no result blocks for the runs in"):
+        sweep_report.report(Path("/nonexistent/elsewhere/cpu"), readme=True)
