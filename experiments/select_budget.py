@@ -13,9 +13,10 @@ of cell:
 
 Each run has a cache of its own, so its budget is really spent. Runs are resumable like the sweep's
 (``<out>/runs/<name>.json``, skipped when present under the same protocol; a run cut off resumes from its last
-epoch); the table (markdown + CSV, with the per-round scoring cost and, for every strategy run at two or more
-budgets, the teacher calls it needs to match class-balanced random at 2,000) and the plot are rebuilt from
-whatever runs exist; ``--readme`` writes the table into README.md too.
+epoch); the table (markdown + CSV, with the per-round scoring cost, the retrained rows paired by seed with the two
+up-front draws and, for every strategy run at two or more budgets, the teacher calls it needs to match
+class-balanced random at 2,000) and the plot are rebuilt from whatever runs exist; ``--readme`` writes the table
+into README.md too.
 
     python experiments/select_budget.py                          # KD: 2 budgets x 6 strategies x 3 seeds
     python experiments/select_budget.py --budgets 1500 --strategies margin   # a point more for calls-to-match
@@ -37,6 +38,7 @@ from typing import NamedTuple
 import numpy as np
 from figures import accuracy_axes, save
 from sweep_budget import _done, _stop_workers, add_run_arguments, run_one, run_setup
+from sweep_report import seed_difference
 
 STRATEGIES = ("random", "class_balanced", "margin", "kcenter", "margin_kcenter", "badge")
 REFERENCE = ("class_balanced", 2000)  # what calls-to-match is measured against
@@ -141,7 +143,7 @@ def table(runs: list[dict]) -> tuple[str, str]:
         csv.append(f"{c.budget},{c.method},{c.strategy},{c.rounds},{c.buy_within:g},{c.retrain},{c.views},"
                    f"{c.matched},{acc.mean():.3f},{acc.std():.3f},{len(rs)},{score_s:.2f},{fit_s:.1f}")
     text = "\n".join(lines) + ("\n\nTest accuracy at the best-validation checkpoint, mean ± std over seeds; "
-                               f"{len(runs)} runs.\n")
+                               f"{len(runs)} runs.\n") + paired(cells, order)
     match = []
     # each schedule (rounds, buy_within, retrained or not) is matched against the reference cell with that schedule
     for ref in sorted({c._replace(budget=REFERENCE[1], strategy=REFERENCE[0]) for c in means if c.views == 1}):
@@ -160,6 +162,34 @@ def table(runs: list[dict]) -> tuple[str, str]:
                  "(linear between the budgets run):\n\n| strategy | method | rounds | budgets run | calls to match |\n"
                  + "|---" * 5 + "|\n" + "\n".join(match) + "\n")
     return text, "\n".join(csv) + "\n"
+
+
+def _references(c: Cell) -> dict[str, Cell]:
+    """The rows a retrained row is paired with: class-balanced and random rounds with its schedule, retrained (their
+    rounds buy a class-balanced, resp. random, draw of the budget: the two up-front draws, trained from scratch),
+    and random samples bought before training (one round)."""
+    return {"class_balanced": c._replace(strategy="class_balanced"), "random": c._replace(strategy="random"),
+            "random, up front": Cell(c.budget, c.method, "random", 1)}
+
+
+def paired(cells: dict[Cell, list[dict]], order: list[Cell]) -> str:
+    """Markdown: each retrained row minus its :func:`_references`, paired by seed (a seed fixes the first round's
+    samples and the student's initialisation); "" when no retrained row has a reference yet."""
+    acc = {c: {r["seed"]: 100 * r["test_acc"] for r in rs} for c, rs in cells.items()}
+    rows, head = [], []
+    for c in order:
+        if not c.retrain:
+            continue
+        refs = _references(c)
+        head = list(refs)
+        diffs = [seed_difference(acc[c], acc[r]) if r in acc and r != c else "–" for r in refs.values()]
+        if any(d != "–" for d in diffs):
+            rows.append(f"| {c.budget} | {c.method} | {c.strategy} | {c.schedule} | " + " | ".join(diffs) + " |")
+    if not rows:
+        return ""
+    return ("\nRetrained rows against the up-front draws, paired by seed (mean; each seed's; ahead on how many):\n\n"
+            "| budget | method | strategy | rounds | " + " | ".join(f"minus {h}" for h in head) + " |\n"
+            + "|---" * (4 + len(head)) + "|\n" + "\n".join(rows) + "\n")
 
 
 def report(out: Path, readme: bool = False) -> str:

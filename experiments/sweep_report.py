@@ -75,18 +75,17 @@ def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int]
     return text, "\n".join(csv) + "\n"
 
 
-def _seed_differences(acc: dict, a: str, b: str, budget: int) -> str:
-    """``a`` minus ``b`` at ``budget``, paired by seed: the mean difference, each seed's, and on how many ``a`` is
-    ahead; "–" when they share no seed."""
-    seeds = sorted(s for m, bb, s in acc if (m, bb) == (a, budget) and (b, budget, s) in acc)
-    d = [acc[a, budget, s] - acc[b, budget, s] for s in seeds]
+def seed_difference(a: dict[int, float], b: dict[int, float]) -> str:
+    """``a`` minus ``b`` (accuracies by seed), paired by seed: the mean difference, each seed's, and on how many
+    ``a`` is ahead; "–" when they share no seed."""
+    d = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
     if not d:
         return "–"
     return f"{np.mean(d):+.2f} ({', '.join(f'{x:+.1f}' for x in d)}; ahead on {sum(x > 0 for x in d)} of {len(d)})"
 
 
-def _accuracies(runs: list[dict]) -> dict[tuple[str, int, int], float]:
-    return {(r["method"], r["budget"], r["seed"]): 100 * r["test_acc"] for r in runs}
+def _by_seed(runs: list[dict], method: str, budget: int) -> dict[int, float]:
+    return {r["seed"]: 100 * r["test_acc"] for r in runs if r["method"] == method and r["budget"] == budget}
 
 
 def paired(runs: list[dict], reference: str = "ckd", methods: list[str] | None = None,
@@ -95,13 +94,12 @@ def paired(runs: list[dict], reference: str = "ckd", methods: list[str] | None =
     outputs and the initialisation, so the pair differs only by the method): the mean difference, each seed's,
     and on how many of them the reference is ahead."""
     budgets = budgets or sorted({r["budget"] for r in runs})
-    acc = _accuracies(runs)
     names = {r["method"] for r in runs} - {reference}
     methods = [m for m in (methods or [*METHODS, *sorted(names - set(METHODS))]) if m in names]
     lines = [f"| {reference} minus | " + " | ".join(f"budget {b}" for b in budgets) + " |",
              "|---" * (len(budgets) + 1) + "|"]
     for m in methods:
-        cells = [_seed_differences(acc, reference, m, b) for b in budgets]
+        cells = [seed_difference(_by_seed(runs, reference, b), _by_seed(runs, m, b)) for b in budgets]
         if any(c != "–" for c in cells):
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -110,8 +108,7 @@ def paired(runs: list[dict], reference: str = "ckd", methods: list[str] | None =
 def contrasts(runs: list[dict], pairs: tuple[tuple[str, str], ...], budget: int) -> str:
     """Markdown: each pair's ``a`` minus ``b`` at ``budget``, paired by seed (as :func:`paired`); a pair with no
     shared seed yet is left out."""
-    acc = _accuracies(runs)
-    rows = [(a, b, _seed_differences(acc, a, b, budget)) for a, b in pairs]
+    rows = [(a, b, seed_difference(_by_seed(runs, a, budget), _by_seed(runs, b, budget))) for a, b in pairs]
     lines = [f"| a minus b, budget {budget} | difference |", "|---|---|"]
     lines += [f"| {a} minus {b} | {cell} |" for a, b, cell in rows if cell != "–"]
     return "\n".join(lines) + "\n"

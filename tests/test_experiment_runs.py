@@ -294,3 +294,25 @@ def test_each_results_folder_fills_only_its_own_readme_blocks_and_every_block_ex
     assert set(sweep_report.EVIDENCE) >= {m for pair in sweep_report.EVIDENCE_CONTRASTS for m in pair}
     with pytest.raises(SystemExit, match="no result blocks for the runs in"):
         sweep_report.report(Path("/nonexistent/elsewhere/cpu"), readme=True)
+
+
+def test_retrained_rows_are_paired_by_seed_with_the_up_front_draws():
+    def run(strategy, seed, acc, rounds=4):
+        cell = select_budget.Cell(2000, "kd", strategy, rounds, buy_within=0.2 if rounds > 1 else 1.0)
+        record = ({"chosen_by": cell._asdict()} if rounds > 1 else
+                  {"selection": {"selection": strategy, "rounds": 1}})
+        return {"budget": 2000, "method": "kd", "seed": seed, "test_acc": acc / 100, "fit_seconds": 60.0,
+                "rounds_log": [], **record}
+
+    runs = [run("class_balanced", 0, 65.0), run("class_balanced", 1, 66.0), run("random", 0, 66.0),
+            run("random", 1, 65.0), run("margin", 0, 66.5), run("margin", 1, 65.5), run("margin", 2, 70.0),
+            run("random", 2, 64.0, rounds=1)]
+    text, _ = select_budget.table(runs)
+    lines = text.splitlines()
+    assert "| budget | method | strategy | rounds | minus class_balanced | minus random | minus random, up front |" in lines
+    rows = [line for line in lines if "retrained | " in line and "ahead on" in line]
+    assert rows == [  # a row is not paired with itself; seed 2 has only the up-front reference
+        "| 2000 | kd | random | 4 in first 20%, retrained | +0.00 (+1.0, -1.0; ahead on 1 of 2) | – | – |",
+        "| 2000 | kd | class_balanced | 4 in first 20%, retrained | – | +0.00 (-1.0, +1.0; ahead on 1 of 2) | – |",
+        "| 2000 | kd | margin | 4 in first 20%, retrained | +0.50 (+1.5, -0.5; ahead on 1 of 2) "
+        "| +0.50 (+0.5, +0.5; ahead on 2 of 2) | +6.00 (+6.0; ahead on 1 of 1) |"]
