@@ -309,7 +309,8 @@ def test_retrained_rows_are_paired_by_seed_with_the_up_front_draws():
             run("random", 2, 64.0, rounds=1)]
     text, _ = select_budget.table(runs)
     lines = text.splitlines()
-    assert "| budget | method | strategy | rounds | minus class_balanced | minus random | minus random, up front |" in lines
+    assert ("| budget | method | strategy | rounds | minus class_balanced | minus random | minus random, up front |"
+            in lines)
     rows = [line for line in lines if "retrained | " in line and "ahead on" in line]
     assert rows == [  # a row is not paired with itself; seed 2 has only the up-front reference
         "| 2000 | kd | random | 4 in first 20%, retrained | +0.00 (+1.0, -1.0; ahead on 1 of 2) | – | – |",
