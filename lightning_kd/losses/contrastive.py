@@ -17,9 +17,17 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def contrast_scores(anchor: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    """exp(⟨memory[rows[b, j]], anchor[b]⟩ / τ) as a (B, K+1) tensor; the bank is not differentiated."""
-    bank = memory[rows.reshape(-1)].detach().view(*rows.shape, memory.shape[1])
-    return torch.exp(torch.bmm(bank, anchor.unsqueeze(2)).squeeze(2) / temperature)
+    """exp(⟨memory[rows[b, j]], anchor[b]⟩ / τ) as a (B, K+1) tensor; the bank is not differentiated.
+
+    A bank with no more rows than draws per sample (a budget's 2,000 samples, 16,385 draws each) is scored whole,
+    once per anchor, and the draws read from those scores: the same dot products without gathering a
+    (B, K+1, dim) copy of the bank (537 MB per call at B = 64, K = 16,384, dim = 128)."""
+    memory = memory.detach()
+    if memory.shape[0] <= rows.shape[1]:  # a copy: the backward must not see the bank's in-place update after it
+        dots = (anchor @ memory.clone().T).gather(1, rows)
+    else:
+        dots = torch.bmm(memory[rows.reshape(-1)].view(*rows.shape, memory.shape[1]), anchor.unsqueeze(2)).squeeze(2)
+    return torch.exp(dots / temperature)
 
 
 def nce_loss(scores: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:

@@ -27,6 +27,19 @@ def test_contrast_scores_are_exp_dot_over_temperature():
             assert got[b, j].item() == pytest.approx(math.exp(float(memory[rows[b, j]] @ anchor[b]) / 0.5), rel=1e-5)
 
 
+@pytest.mark.parametrize("n_rows", [5, 300])  # fewer bank rows than draws (scored whole), and more (gathered)
+def test_contrast_scores_and_their_gradient_equal_the_gathered_reference(n_rows):
+    torch.manual_seed(0)
+    memory, anchor = torch.randn(n_rows, 8), torch.randn(3, 8, requires_grad=True)
+    rows, weights = torch.randint(n_rows, (3, 11)), torch.randn(3, 11)
+    got = contrast_scores(anchor, memory, rows, 0.5)
+    (got * weights).sum().backward()
+    got_grad, anchor.grad = anchor.grad, None
+    want = torch.exp(torch.einsum("bkd,bd->bk", memory[rows], anchor) / 0.5)  # repeated rows: repeated draws
+    (want * weights).sum().backward()
+    assert torch.allclose(got, want, rtol=1e-5) and torch.allclose(got_grad, anchor.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_bank_rows_move_towards_the_new_embedding_and_stay_unit():
     memory = l2_normalize(torch.randn(5, 3))
     v = l2_normalize(torch.randn(2, 3))
