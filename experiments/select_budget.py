@@ -13,7 +13,7 @@ of cell:
 
 Each run has a cache of its own, so its budget is really spent. Runs are resumable like the sweep's
 (``<out>/runs/<name>.json``, skipped when present under the same protocol; a run cut off resumes from its last
-epoch); the table (markdown + CSV, with the per-round scoring cost, the retrained rows paired by seed with the two
+epoch); the table (markdown + CSV, with the per-round scoring cost, the retrained rows paired by seed with the
 up-front draws and, for every strategy run at two or more budgets, the teacher calls it needs to match
 class-balanced random at 2,000) and the plot are rebuilt from whatever runs exist; ``--readme`` writes the table
 into README.md too.

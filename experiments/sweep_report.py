@@ -11,9 +11,9 @@ from figures import accuracy_axes, save
 from methods import GRID, METHODS
 from readme import fill
 
-# The runs of the issue-17 evidence (budget 2,000, one machine), its seed-paired contrasts (a minus b: each feature
-# loss's CKD form against its white-box baseline, the teacher's view against a fresh crop, CRD against the KD it adds
-# to, CKD inside GPD against GPD-KD and against CKD), and CKD's combine ablations in the budget sweep.
+# The runs of the feature-level CKD evidence (budget 2,000, one machine), its seed-paired contrasts (a minus b: each
+# feature loss's CKD form against its white-box baseline, the teacher's view against a fresh crop, CRD against the KD
+# it adds to, CKD inside GPD against GPD-KD and against CKD), and CKD's combine ablations in the budget sweep.
 EVIDENCE = ("kd", "ckd", "crd", "hint", "ckd_hint", "hint_teacher_view", "ckd_hint_teacher_view", "vid", "ckd_vid",
             "cc", "ckd_cc", "gpd", "gpd_ckd")
 EVIDENCE_CONTRASTS = (("ckd_hint", "hint"), ("ckd_vid", "vid"), ("ckd_cc", "cc"),
