@@ -35,26 +35,27 @@ The numbers (every "median / spread" is over repeats: median and interquartile r
    CPU timings on a loaded machine.
 
 2. Cache fill. ``cache_fill_vs_teacher`` = samples/s of ``fill_cache`` (teacher + a claim in the shared ledger
-   under the directory lock + one validated, fsynced block per batch + its commit record, over ``CIFAR10DataModule().make_dataset(indices, "fixed", normalize=False)`` into a
+   under the directory lock + one validated, fsynced block per batch + its commit record, over
+   ``CIFAR10DataModule().make_dataset(indices, "fixed", normalize=False)`` into a
    fresh float32 ``TeacherCache`` with a ``TeacherBudget``) / samples/s of a bare ``torch.inference_mode``
    teacher loop over the same batches of the same dataset (same batch size, same DataLoader, outputs brought to
    the CPU). Paired per repeat, interleaved. Creating the empty cache and budget is not timed. Goal >= 0.9.
    ``overhead_ms_per_segment`` = (t_fill - t_bare) / batches (one block per teacher batch): the fixed cost of
    the claim + durable block + commit protocol, to set against the teacher's time per batch on another device.
 
-3. Scale. A synthetic ImageNet-size cache (``--scale-rows`` x ``--scale-classes``, default 1,281,167 x 1,000),
-   once in float16 and once top-k (k = ``--topk``), written in chunks of ``--scale-chunk`` rows through
-   ``TeacherCache.write`` (``build_s``: write time only, the random logits are made beforehand) and compacted to
-   one block as ``CachedTeacherDataModule`` does after a fill (``compact_s``, streamed in 1,024-row chunks). ``disk_gb`` is the size of the
-   live files (GB = 1e9 bytes). ``gather_ms_batch256_*``: median time of ``cache.get(256 random indices)``
-   through the memory map of the compacted cache, after warm-up (the page cache is warm: the file was just
-   written; cold reads from disk are slower). ``..._uncompacted``: the same on the cache as written (one memory
-   map per block). ``open_s``: ``TeacherCache(dir)`` with the default verification (crc32 of every chunk).
-   ``train_rss_gb``: peak resident memory (VmHWM) of a separate process that opens the cache and runs
-   ``--rss-gathers`` random batch-256 gathers, next to ``..._baseline_gb`` (that process right after importing
-   torch and ``lightning_kd.cache``, the package ``__init__`` bypassed), split into anonymous memory (what the
-   process owns: it must stay far below the file size) and file-backed pages (clean page-cache pages that the
-   kernel's fault-around maps 64 KB at a time around each random read of a warm file; reclaimable, not owned).
+3. Scale. A synthetic ImageNet-size cache (``--scale-rows`` x ``--scale-classes``, default 1,281,167 x 1,000), once
+   in float16 and once top-k (k = ``--topk``), written in chunks of ``--scale-chunk`` rows through
+   ``TeacherCache.write`` (``build_s``: write time only, the random logits are made beforehand) and compacted to one
+   block as ``CachedTeacherDataModule`` does after a fill (``compact_s``, streamed in 1,024-row chunks). ``disk_gb``
+   is the size of the live files (GB = 1e9 bytes). ``gather_ms_batch256_*``: median time of
+   ``cache.get(256 random indices)`` through the memory map of the compacted cache, after warm-up (the page cache is
+   warm: the file was just written; cold reads from disk are slower). ``..._uncompacted``: the same on the cache as
+   written (one memory map per block). ``open_s``: ``TeacherCache(dir)`` with the default verification (crc32 of
+   every chunk). ``train_rss_gb``: peak resident memory (VmHWM) of a separate process that opens the cache and runs
+   ``--rss-gathers`` random batch-256 gathers, next to ``..._baseline_gb`` (that process right after importing torch
+   and ``lightning_kd.cache``, the package ``__init__`` bypassed), split into anonymous memory (what the process
+   owns: it must stay far below the file size) and file-backed pages (clean page-cache pages that the kernel's
+   fault-around maps 64 KB at a time around each random read of a warm file; reclaimable, not owned).
    ``build_rss_gb``: how much the building process's RSS grew while writing. Needs ~2x the fp16 size on disk
    (compaction writes its copy before the old blocks go); checked first, skipped with a message otherwise.
 
@@ -111,16 +112,19 @@ from benchmarks.steps import StepConfig, bench_steps  # noqa: E402
 # main
 # --------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--student", default="resnet8")
-    p.add_argument("--teacher", default="auto", help="'auto' (shared ResNet-20 file, else zoo resnet20), a path, or a model name")
+    p.add_argument("--teacher", default="auto",
+                   help="'auto' (shared ResNet-20 file, else zoo resnet20), a path, or a model name")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--gpd-ratio", type=float, default=2.0)
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default); 1 is steadier on a loaded machine")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: torch's default); 1 is steadier on a loaded machine")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in the steps (meant for cuda)")
     p.add_argument("--channels-last", action="store_true", help="channels_last models and inputs (meant for cuda)")
     p.add_argument("--fill-samples", type=int, default=5000)
@@ -155,7 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loop-repeats", type=int, default=3)
     p.add_argument("--loop-warmup", type=int, default=1, help="untimed one-epoch runs of each before timing")
     p.add_argument("--loop-budget", type=int, default=2000, help="cached training samples (sweep_budget's cache)")
-    p.add_argument("--loop-cache-dir", default=None, help="default: $LKD_CACHE_DIR/sweep_budget/seed0 (filled if needed)")
+    p.add_argument("--loop-cache-dir", default=None,
+                   help="default: $LKD_CACHE_DIR/sweep_budget/seed0 (filled if needed)")
     p.add_argument("--loop-test-batches", type=int, default=None, help="test batches (default: the whole test split)")
     p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--json", default=None)
@@ -180,7 +185,8 @@ def run(args: argparse.Namespace) -> dict:
         teacher.to(memory_format=torch.channels_last)
     cfg = StepConfig(args.student, teacher, args.num_classes, 32, args.batch_size, device,
                      args.bf16, args.channels_last, args.gpd_ratio)
-    print(f"[steps] {args.student} <- {teacher_desc}, batch {args.batch_size}, {args.repeats} interleaved repeats", flush=True)
+    print(f"[steps] {args.student} <- {teacher_desc}, batch {args.batch_size}, {args.repeats} interleaved repeats",
+          flush=True)
     clock = time.perf_counter()
     steps = bench_steps(cfg, args.warmup, args.repeats)
     section_s = {"steps": time.perf_counter() - clock}
@@ -191,7 +197,8 @@ def run(args: argparse.Namespace) -> dict:
             result[key] = steps[key]
 
     if not args.skip_fill:
-        print(f"[fill] {args.fill_samples} CIFAR-10 samples, batch {args.fill_batch_size}, {args.fill_repeats} repeats", flush=True)
+        print(f"[fill] {args.fill_samples} CIFAR-10 samples, batch {args.fill_batch_size}, {args.fill_repeats} repeats",
+              flush=True)
         tmp_root = Path(args.scale_dir or tempfile.gettempdir())
         result["fill"] = bench_fill(teacher, args.fill_samples, args.fill_batch_size, device,
                                     min(args.warmup, 1), args.fill_repeats, tmp_root)
@@ -202,7 +209,8 @@ def run(args: argparse.Namespace) -> dict:
         result["scale"] = bench_scale(args)
         section_s["scale"] = time.perf_counter() - clock - sum(section_s.values())
     if not args.skip_remote:
-        print(f"[remote] fill through RemoteTeacher, {args.remote_samples} samples, batch {args.remote_batch}", flush=True)
+        print(f"[remote] fill through RemoteTeacher, {args.remote_samples} samples, batch {args.remote_batch}",
+              flush=True)
         result["remote"] = bench_remote(max(args.threads, 1), args.remote_samples, args.remote_batch)
         section_s["remote"] = time.perf_counter() - clock - sum(section_s.values())
     if not args.skip_data:

@@ -81,7 +81,8 @@ def make_datamodule(teacher, cache_dir, budget, **kw):
     from lightning_kd.data import CachedTeacherDataModule, CIFAR10DataModule
 
     kw.setdefault("progress", False)
-    return CachedTeacherDataModule(CIFAR10DataModule(batch_size=32), teacher, budget=budget, cache_dir=str(cache_dir), **kw)
+    return CachedTeacherDataModule(CIFAR10DataModule(batch_size=32), teacher, budget=budget, cache_dir=str(cache_dir),
+                                   **kw)
 
 
 def _fill(cache_dir: str, log: str, budget: str, batch: str, sleep: str, start_at: str = "0", out: str = "") -> None:

@@ -69,7 +69,7 @@ def test_bench_runs_at_tiny_sizes_and_reports_every_number(tmp_path, data_dir):
     assert not list(tmp_path.glob("lkd-bench-scale-*")) and not list(tmp_path.glob("lkd-bench-loop-*"))
 
     table = md_path.read_text()
-    for label in ("cached-KD step", "CKD step per image", "GPD step", "fill_cache", "gather batch 256", "extract_student",
-                  "KD training run", "Training loop", "Data paths"):
+    for label in ("cached-KD step", "CKD step per image", "GPD step", "fill_cache", "gather batch 256",
+                  "extract_student", "KD training run", "Training loop", "Data paths"):
         assert label in table
     assert "✓" in table or "✗" in table

@@ -28,7 +28,8 @@ def _tiny(tmp_path: Path) -> list[str]:
         "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
         "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1", "--data.init_args.eval_batch_size", "128",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
+        "--data.init_args.eval_batch_size", "128",
     ]  # fmt: skip
 
 

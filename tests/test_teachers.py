@@ -227,7 +227,7 @@ def test_non_torch_file_is_a_clear_error(tmp_path, name):
         load_teacher(tmp_path / "missing.pt2")
 
 
-# -- fingerprints --------------------------------------------------------------------------------------------------------
+# -- fingerprints ------------------------------------------------------------------------------------------------------
 
 
 def test_module_fingerprint_tracks_parameters():

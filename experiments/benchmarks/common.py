@@ -23,7 +23,8 @@ def summary(values) -> dict[str, float]:
     """Median, quartiles, min, max and count of a list of numbers."""
     a = np.asarray(values, dtype=np.float64)
     q1, med, q3 = np.percentile(a, [25, 50, 75])
-    return {"median": float(med), "q1": float(q1), "q3": float(q3), "min": float(a.min()), "max": float(a.max()), "n": len(a)}
+    return {"median": float(med), "q1": float(q1), "q3": float(q3), "min": float(a.min()), "max": float(a.max()),
+            "n": len(a)}
 
 
 def time_interleaved(
@@ -73,7 +74,8 @@ def proc_memory() -> dict[str, float]:
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux: ``echo 5 > /proc/self/clear_refs``); False if not possible."""
+    """Reset this process's VmHWM to its current RSS (Linux: ``echo 5 > /proc/self/clear_refs``); False if not
+    possible."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -91,7 +93,8 @@ def machine_info(device) -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
     info = {
@@ -118,7 +121,8 @@ def resolve_device(name: str):
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             "bench.py --device cuda: no CUDA device is available to this process (torch.cuda.is_available() is False; "
-            f"torch {torch.__version__}, built with CUDA {torch.version.cuda}). Run on a GPU machine or use --device cpu."
+            f"torch {torch.__version__}, built with CUDA {torch.version.cuda}). Run on a GPU machine or use "
+            "--device cpu."
         )
     return torch.device(name)
 

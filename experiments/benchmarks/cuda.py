@@ -13,11 +13,13 @@ def bench_cuda_pairs(args: argparse.Namespace, device) -> dict:
     import torch
 
     out = {}
-    pairs = [("resnet32x4", "resnet8x4", 10, 32, args.batch_size), ("resnet50", "resnet18", 1000, 224, args.imagenet_batch_size)]
+    pairs = [("resnet32x4", "resnet8x4", 10, 32, args.batch_size),
+             ("resnet50", "resnet18", 1000, 224, args.imagenet_batch_size)]
     for teacher_name, student, classes, size, batch in pairs:
         teacher, _ = resolve_teacher(teacher_name, classes)
         teacher.to(device).to(memory_format=torch.channels_last)
-        cfg = StepConfig(student, teacher, classes, size, batch, device, bf16=True, channels_last=True, gpd_ratio=args.gpd_ratio)
+        cfg = StepConfig(student, teacher, classes, size, batch, device, bf16=True, channels_last=True,
+                         gpd_ratio=args.gpd_ratio)
         print(f"[cuda pair] {teacher_name} -> {student}, {size}x{size}, batch {batch}", flush=True)
         res = bench_steps(cfg, args.warmup, args.repeats)
         out[f"{teacher_name}->{student}"] = {"image_size": size, "batch_size": batch, **res}

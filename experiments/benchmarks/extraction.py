@@ -26,4 +26,5 @@ def bench_extraction(model: str, ratio: float, input_size: int, repeats: int) ->
         t0 = time.perf_counter()
         extract_student(dt)
         times.append(time.perf_counter() - t0)
-    return {"model": model, "ratio": ratio, "example_input": input_size, "expand_s": expand_s, "extract": summary(times)}
+    return {"model": model, "ratio": ratio, "example_input": input_size, "expand_s": expand_s,
+            "extract": summary(times)}

@@ -50,7 +50,8 @@ def bench_fill(teacher, samples: int, batch_size: int, device, warmup: int, repe
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:
-        times = time_interleaved({"fill_cache": fill, "bare_teacher": bare}, warmup, repeats, sync, {"fill_cache": fresh_cache})
+        times = time_interleaved({"fill_cache": fill, "bare_teacher": bare}, warmup, repeats, sync,
+                                 {"fill_cache": fresh_cache})
     finally:
         if "dir" in state:
             shutil.rmtree(state["dir"], ignore_errors=True)

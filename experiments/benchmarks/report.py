@@ -64,7 +64,8 @@ def _headline_rows(result: dict) -> list[str]:
             rows.append(_row(f"gather, batch 256, {name}, ms", sc[f"{key}_summary"], key))
     if "extraction" in result:
         e = result["extraction"]
-        rows.append(_row(f"extract_student, {e['model']} ratio {e['ratio']:g}, s", e["extract"], "extraction_s_resnet18"))
+        rows.append(_row(f"extract_student, {e['model']} ratio {e['ratio']:g}, s", e["extract"],
+                         "extraction_s_resnet18"))
         rows.append(f"| expand, {e['model']} ratio {e['ratio']:g} (example input {e['example_input']}²), s | "
                     f"{e['expand_s']:.3f} | | | |")
     return rows
@@ -74,7 +75,8 @@ def _remote_rows(r: dict) -> list[str]:
     """Section 4: the budgeted fill through RemoteTeacher (one measurement each, samples/s)."""
     sps, ratios = r["fill_samples_per_s"], r["ratios"]
     rows = ["", f"Remote teacher: fill_cache samples/s over {r['config']['n']} CIFAR-10 samples, batch "
-            f"{r['config']['batch']} (client and local server on the same cores; `experiments/benchmarks/remote.py`)", "",
+            f"{r['config']['batch']} (client and local server on the same cores; "
+            "`experiments/benchmarks/remote.py`)", "",
             "| fill through | samples/s | vs in-process | goal | |", "|---|---|---|---|---|",
             f"| in-process shared teacher | {sps['in_process']:.0f} | 1 | | |"]
     for codec in ("json", "npy"):
@@ -111,7 +113,8 @@ def _data_rows(d: dict) -> list[str]:
 def _scale_rows(sc: dict) -> list[str]:
     if "skipped" in sc:
         return ["", f"Scale: skipped ({sc['skipped']})."]
-    rows = ["", f"Scale: {sc['rows']:,} x {sc['classes']:,} synthetic cache, written in chunks of {sc['chunk_rows']:,} rows",
+    rows = ["", f"Scale: {sc['rows']:,} x {sc['classes']:,} synthetic cache, written in chunks of "
+            f"{sc['chunk_rows']:,} rows",
             "", "| | fp16 | top-k |", "|---|---|---|"]
 
     def line(label: str, fmt: str, key: Callable[[str], object]) -> None:
@@ -146,7 +149,8 @@ def _loop_rows(r: dict) -> list[str]:
             f"{c['threads']} thread(s); fixed = run − epochs × median epoch (start-up, fit / test set-up, test); "
             f"same test accuracy in both: {r.get('same_test_acc')}; `experiments/benchmarks/loop.py`", "",
             "| | library | plain loop | library / plain (IQR) |", "|---|---|---|---|"]
-    for label, key, ratio in (("run, s", "s", "ratio"), ("epoch (train + val + checkpoint), s", "epoch_s", "epoch_ratio"),
+    for label, key, ratio in (("run, s", "s", "ratio"),
+                              ("epoch (train + val + checkpoint), s", "epoch_s", "epoch_ratio"),
                               ("fixed, s", "fixed_s", None)):
         lib, plain = r[f"library_{key}"], r[f"plain_{key}"]
         cell = f"{r[ratio]['median']:.3f} ({r[ratio]['q1']:.3f}–{r[ratio]['q3']:.3f})" if ratio else ""
@@ -156,7 +160,8 @@ def _loop_rows(r: dict) -> list[str]:
         rows.append(f"| run, process CPU s | {cpu['library_s']['median']:.3f} | {cpu['plain_s']['median']:.3f} | "
                     f"{x['median']:.3f} ({x['q1']:.3f}–{x['q3']:.3f}) |")
     x = r["ratio_extrapolated"]
-    rows.append(f"| run extrapolated to {c['target_epochs']} epochs | | | {x['median']:.3f} ({x['q1']:.3f}–{x['q3']:.3f}) |")
+    rows.append(f"| run extrapolated to {c['target_epochs']} epochs | | | "
+                f"{x['median']:.3f} ({x['q1']:.3f}–{x['q3']:.3f}) |")
     return rows
 
 
@@ -169,7 +174,8 @@ def _timing_rows(result: dict) -> list[str]:
     if "fill" in result:
         for key in ("fill_samples_per_s", "bare_samples_per_s", "overhead_ms_per_segment"):
             t = result["fill"][key]
-            rows.append(f"| {key} | {_fmt(t['median'])} | {_fmt(t['q1'])}–{_fmt(t['q3'])} | {_fmt(t['min'])}–{_fmt(t['max'])} | |")
+            rows.append(f"| {key} | {_fmt(t['median'])} | {_fmt(t['q1'])}–{_fmt(t['q3'])} | "
+                        f"{_fmt(t['min'])}–{_fmt(t['max'])} | |")
     if "ops_ratios" in result:
         rows += ["", "Op-count ratios (same formulas as the time ratios, ATen calls instead of seconds): "
                  + ", ".join(f"{k} {v:.2f}" for k, v in result["ops_ratios"].items())]
@@ -179,7 +185,8 @@ def _timing_rows(result: dict) -> list[str]:
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     lines = [
-        f"## lightning_kd benchmark: {m['device']} ({m['device_name']}, {m['cpu_cores']} cores, torch {m['torch_version']})",
+        f"## lightning_kd benchmark: {m['device']} ({m['device_name']}, {m['cpu_cores']} cores, "
+        f"torch {m['torch_version']})",
         "",
         f"student {s['student']}, teacher {s['teacher']}, batch {s['batch_size']}, {s['repeats']} interleaved repeats "
         f"(+{s['warmup']} warm-up), bf16 {s['bf16']}, channels_last {s['channels_last']}; load average at start / "

@@ -126,8 +126,8 @@ def bench_scale(args) -> dict:
     if mem is not None and mem < need["memory_gb"]:
         return {"skipped": f"needs ~{need['memory_gb']:.1f} GB available memory, only {mem:.1f} GB"}
     print(f"[scale] building a {rows:,} x {classes:,} cache in fp16 (~{need['fp16_gb']:.2f} GB) and top-{k} "
-          f"(~{need['topk_gb']:.2f} GB) under {root_parent}; at full size this takes minutes and ~{need['disk_gb']:.1f} GB "
-          "of disk at its peak", flush=True)
+          f"(~{need['topk_gb']:.2f} GB) under {root_parent}; at full size this takes minutes and "
+          f"~{need['disk_gb']:.1f} GB of disk at its peak", flush=True)
     root = Path(tempfile.mkdtemp(prefix="lkd-bench-scale-", dir=root_parent))
     out: dict = {"rows": rows, "classes": classes, "topk": k, "chunk_rows": args.scale_chunk, "dir": str(root)}
     try:

@@ -3,7 +3,8 @@
 A round of ``CachedTeacherDataModule(rounds=R)`` runs the student (forward only, eval view) on every training
 sample not bought yet plus those bought, then the strategy chooses the next share. Timed here at the sizes of a
 budget-2,000, four-round run's second round: 500 bought, 44,500 candidates (the rest of the 45,000 training
-images; ResNet-8: 64-d embeddings), 500 to choose. No teacher call is involved. ``run(...)`` returns the result as a dict.
+images; ResNet-8: 64-d embeddings), 500 to choose. No teacher call is involved.
+``run(...)`` returns the result as a dict.
 """
 
 from __future__ import annotations

@@ -279,7 +279,8 @@ def test_disk_full_during_compaction_keeps_the_fill_and_leaves_no_tmp(tmp_path, 
 
     monkeypatch.setattr(fmt.os, "posix_fallocate", full_for_compaction)
     teacher = CountingTeacher()
-    with pytest.warns(UserWarning, match=r"not compacted \(cannot write \d+ bytes to .*\.compact-.*\.seg\.tmp: No space"):
+    with pytest.warns(UserWarning,
+                      match=r"not compacted \(cannot write \d+ bytes to .*\.compact-.*\.seg\.tmp: No space"):
         make_datamodule(teacher, directory, BUDGET, fill_batch_size=50).fill()
     assert teacher.calls == BUDGET
     assert not list(directory.rglob("*.tmp")) and not list(directory.glob("segments/compact-*"))

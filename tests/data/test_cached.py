@@ -13,7 +13,13 @@ from lightning_kd.cache import TeacherBudget, TeacherBudgetExceeded, TeacherCach
 from lightning_kd.data import fill_cache, select_samples
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from teachers_for_tests import CountingTeacher, logged_samples, make_datamodule, run_helper, teacher_function  # noqa: E402
+from teachers_for_tests import (  # noqa: E402
+    CountingTeacher,
+    logged_samples,
+    make_datamodule,
+    run_helper,
+    teacher_function,
+)
 
 HELPER = Path(__file__).parents[1] / "teachers_for_tests.py"
 

@@ -41,7 +41,8 @@ def source(cifar, request):
         return lambda split, i: (np.array(sets[split].data[i]), int(sets[split].targets[i]))
 
     npz = np.load(request.getfixturevalue("data_dir") / NPZ_NAME)
-    arrays = {k: npz[k] for k in ("train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels")}
+    arrays = {k: npz[k] for k in ("train_jpeg", "train_offsets", "train_labels",
+                                  "test_jpeg", "test_offsets", "test_labels")}
     npz.close()
 
     def read(split: str, i: int) -> tuple[np.ndarray, int]:
@@ -98,7 +99,8 @@ def test_fingerprint_and_decoded_cache(cifar):
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_pixels_and_labels_match_source(cifar, source, split):
     """Eval view, normalize=False: input at index i is exactly the decoded image i (no crop, flip, transposition)."""
-    idx = np.array([0, 1, 999, 4_999, 5_000, 12_345, 27_182, 49_999] if split == "train" else [0, 1, 999, 4_999, 5_000, 9_999])
+    idx = np.array([0, 1, 999, 4_999, 5_000, 12_345, 27_182, 49_999] if split == "train"
+                   else [0, 1, 999, 4_999, 5_000, 9_999])
     if split == "train":
         batch = cifar.make_dataset(idx, "eval", normalize=False).__getitems__(list(range(len(idx))))
     else:
@@ -162,7 +164,9 @@ def test_index_stability(cifar):
     assert int(single["index"]) == 777 and torch.equal(single["input"], alone["input"][1])
     # a batch from the loader: its inputs are those of its indices fetched on their own
     batch = next(iter(cifar.val_dataloader()))
-    again = cifar.make_dataset(batch["index"].numpy()[::-1].copy(), "eval").__getitems__(list(range(len(batch["index"]))))
+    again = cifar.make_dataset(batch["index"].numpy()[::-1].copy(), "eval").__getitems__(
+        list(range(len(batch["index"])))
+    )
     assert torch.equal(again["input"].flip(0), batch["input"])
     # distinct indices are distinct images (rules out every index mapping to the same row)
     assert not torch.equal(alone["input"][0], alone["input"][1])
@@ -225,7 +229,7 @@ def test_fixed_view_is_a_function_of_seed_and_index(cifar):
     assert torch.allclose(_unnormalize(normed["input"]), first["input"], atol=1e-5)
 
 
-# -- transforms ---------------------------------------------------------------------------------------------------------
+# -- transforms --------------------------------------------------------------------------------------------------------
 
 
 def _reference_crop_flip(images, padding, dy, dx, flip):
@@ -307,7 +311,7 @@ def test_fixed_params_follow_splitmix64():
             assert (int(dy[k]), int(dx[k]), bool(flip[k])) == (h % 9, (h // 9) % 9, bool((h // 81) % 2)), (seed, i)
 
 
-# -- errors -------------------------------------------------------------------------------------------------------------
+# -- errors ------------------------------------------------------------------------------------------------------------
 
 
 def test_missing_data_raises_data_not_found(tmp_path):

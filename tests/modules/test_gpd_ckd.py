@@ -1,4 +1,5 @@
-"""GapPreservingDistillation(distill="ckd"): GPD whose static-teacher terms are the CKD loss on tuples; "kd" as before."""
+"""GapPreservingDistillation(distill="ckd"): GPD whose static-teacher terms are the CKD loss on tuples; "kd" as
+before."""
 
 import sys
 from pathlib import Path

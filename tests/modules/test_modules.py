@@ -18,7 +18,8 @@ from teachers_for_tests import CountingTeacher, make_datamodule  # noqa: E402
 
 def _trainer(tmp_path, steps=2, **kw):
     return L.Trainer(
-        accelerator="cpu", max_steps=steps, limit_val_batches=1, limit_test_batches=1, logger=False, enable_checkpointing=False,
+        accelerator="cpu", max_steps=steps, limit_val_batches=1, limit_test_batches=1, logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path, **kw,
     )
 

@@ -62,7 +62,8 @@ def test_sharing_invariant_and_extraction_after_training(name: str, ratio: float
     ref = student.get_submodule(path)
     wide = dt.model.get_submodule(path).weight.detach()
     copies = torch.bincount(torch.arange(wide.shape[1]) % ref.in_channels).float()
-    assert not torch.equal(wide[: ref.out_channels, : ref.in_channels] * copies.view(1, -1, 1, 1), original[f"{path}.weight"])
+    assert not torch.equal(wide[: ref.out_channels, : ref.in_channels] * copies.view(1, -1, 1, 1),
+                           original[f"{path}.weight"])
     assert torch.equal(sd[f"{path}.weight"], wide[: ref.out_channels, : ref.in_channels] * copies.view(1, -1, 1, 1))
     bn_path = "bn2" if name == "tiny" else "layer1.0.bn2"
     wide_bn = dt.model.get_submodule(bn_path)
