@@ -176,17 +176,16 @@ def paired(cells: dict[Cell, list[dict]], order: list[Cell]) -> str:
     """Markdown: each retrained row minus its :func:`_references`, paired by seed (a seed fixes the first round's
     samples and the student's initialisation); "" when no retrained row has a reference yet."""
     acc = {c: {r["seed"]: 100 * r["test_acc"] for r in rs} for c, rs in cells.items()}
-    rows, head = [], []
+    rows = []
     for c in order:
         if not c.retrain:
             continue
-        refs = _references(c)
-        head = list(refs)
-        diffs = [seed_difference(acc[c], acc[r]) if r in acc and r != c else "–" for r in refs.values()]
+        diffs = [seed_difference(acc[c], acc[r]) if r in acc and r != c else "–" for r in _references(c).values()]
         if any(d != "–" for d in diffs):
             rows.append(f"| {c.budget} | {c.method} | {c.strategy} | {c.schedule} | " + " | ".join(diffs) + " |")
     if not rows:
         return ""
+    head = list(_references(order[0]))  # the same column names for every row
     return ("\nRetrained rows against the up-front draws, paired by seed (mean; each seed's; ahead on how many):\n\n"
             "| budget | method | strategy | rounds | " + " | ".join(f"minus {h}" for h in head) + " |\n"
             + "|---" * (4 + len(head)) + "|\n" + "\n".join(rows) + "\n")
