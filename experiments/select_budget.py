@@ -30,7 +30,9 @@ import argparse
 import json
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
@@ -93,8 +95,8 @@ class Cell(NamedTuple):
 
 
 def run_cell(cell: Cell, seed: int, cfg: dict, out: Path, cache_root: Path, threads: int) -> dict | None:
-    """Train one cell's seed with :func:`run_one`; a retrain waits for its chooser's result (None until then), so
-    that a lane running beside the chooser's never trains on a purchase still being made."""
+    """Train one cell's seed with :func:`run_one`. A retrain whose chooser has no result yet is skipped (None; the
+    next command runs it), so that a lane running beside the chooser's never trains on a purchase still being made."""
     if cell.retrain and not (out / "runs" / f"{cell.chooser().name(seed)}.json").exists():
         print(f"[{cell.name(seed)}] its chooser {cell.chooser().name(seed)} has not finished; skipped here", flush=True)
         return None
@@ -234,7 +236,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def plan(args: argparse.Namespace) -> list[Cell]:
-    """The cells a command line asks for, each retrain right after its chooser (the pool runs them in order). The
+    """The cells a command line asks for, each retrain after its chooser (:func:`run_all` waits for it). The
     view cells come with their V = 1 reference: random samples, one round, the same budget, on this machine (a
     machine moves a run by up to ~2 points, so the budget sweep's KD cell is no reference for them)."""
     cells = [Cell(b, m, s, args.rounds, buy_within=args.buy_within)
@@ -265,6 +267,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_all(todo: list[tuple[Cell, int]], pool: Executor, run: Callable[[Cell, int], dict | None]) -> Iterator:
+    """Run every (cell, seed) of ``todo`` on ``pool``, yielding each result as it comes. A retrain whose chooser is
+    in ``todo`` is submitted only once the chooser has returned: started beside it on a second worker, it would find
+    no result yet and skip (:func:`run_cell`)."""
+    after = {(c.chooser(), seed): (c, seed) for c, seed in todo if c.retrain and (c.chooser(), seed) in todo}
+    waiting = set(after.values())
+    running = {pool.submit(run, c, seed): (c, seed) for c, seed in todo if (c, seed) not in waiting}
+    while running:
+        for fut in wait(running, return_when=FIRST_COMPLETED).done:
+            if (retrain := after.get(running.pop(fut))) is not None:
+                running[pool.submit(run, *retrain)] = retrain
+            yield fut.result()
+
+
 def main() -> None:
     args = parser().parse_args()
     cfg, out, cache_root = run_setup(args, "select_budget")
@@ -277,9 +293,8 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     signal.signal(signal.SIGTERM, _stop_workers)  # kill stops the runs in flight too
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_cell, c, seed, cfg, out, cache_root, args.threads) for c, seed in todo]
-        for fut in as_completed(futures):
-            r = fut.result()
+        run = partial(run_cell, cfg=cfg, out=out, cache_root=cache_root, threads=args.threads)
+        for r in run_all(todo, pool, run):
             if r is None:  # another process is training it (or its chooser)
                 continue
             print(f"{Cell.of(r).name(r['seed'])}: test acc {100 * r['test_acc']:.2f}% ({r['fit_seconds']:.0f} s, "

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -272,6 +274,26 @@ def test_the_command_line_plans_each_retrain_after_its_chooser_and_the_view_cell
     assert [(c.budget, c.views, c.matched) for c in select_budget.plan(only_views)] == [(1000, 1, False),
                                                                                         (1000, 4, False),
                                                                                         (1000, 4, True)]
+
+
+def test_a_retrain_starts_only_once_its_chooser_has_returned_even_with_a_worker_free():
+    chooser = select_budget.Cell(2000, "kd", "margin", 4, buy_within=0.2)
+    done_before = select_budget.Cell(2000, "kd", "badge", 4, buy_within=0.2)  # its chooser is not in this command
+    todo = [(chooser, 0), (chooser._replace(retrain=True), 0), (done_before._replace(retrain=True), 0)]
+    finished, started = set(), []
+
+    def run(cell, seed):
+        started.append((cell.name(seed), cell.chooser() in finished))
+        time.sleep(0.05 if cell.retrain else 0.3)
+        finished.add(cell)
+        return cell.name(seed)
+
+    with ThreadPoolExecutor(2) as pool:  # two workers: the retrain would start beside its chooser
+        results = list(select_budget.run_all(todo, pool, run))
+    assert sorted(results) == sorted(c.name(seed) for c, seed in todo)
+    assert started[0] == (chooser.name(0), False)
+    assert (done_before.name(0).replace("-0", "-retrain-0"), False) in started  # not held back: nothing to wait for
+    assert started[-1] == (chooser._replace(retrain=True).name(0), True)  # after its chooser returned
 
 
 def test_evidence_contrasts_pair_by_seed_and_leave_out_pairs_with_no_shared_seed():
