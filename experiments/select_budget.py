@@ -145,7 +145,7 @@ def table(runs: list[dict]) -> tuple[str, str]:
         csv.append(f"{c.budget},{c.method},{c.strategy},{c.rounds},{c.buy_within:g},{c.retrain},{c.views},"
                    f"{c.matched},{acc.mean():.3f},{acc.std():.3f},{len(rs)},{score_s:.2f},{fit_s:.1f}")
     text = "\n".join(lines) + ("\n\nTest accuracy at the best-validation checkpoint, mean ± std over seeds; "
-                               f"{len(runs)} runs.\n") + paired(cells, order)
+                               f"{len(runs)} runs.\n") + paired(cells, order) + views_paired(cells, order)
     match = []
     # each schedule (rounds, buy_within, retrained or not) is matched against the reference cell with that schedule
     for ref in sorted({c._replace(budget=REFERENCE[1], strategy=REFERENCE[0]) for c in means if c.views == 1}):
@@ -191,6 +191,22 @@ def paired(cells: dict[Cell, list[dict]], order: list[Cell]) -> str:
     return ("\nRetrained rows against the up-front draws, paired by seed (mean; each seed's; ahead on how many):\n\n"
             "| budget | method | strategy | rounds | " + " | ".join(f"minus {h}" for h in head) + " |\n"
             + "|---" * (4 + len(head)) + "|\n" + "\n".join(rows) + "\n")
+
+
+def views_paired(cells: dict[Cell, list[dict]], order: list[Cell]) -> str:
+    """Markdown: each view row (V > 1) minus its V = 1 reference (random, one round, the same budget), paired by
+    seed (a seed fixes the random draw and the student's initialisation); "" when
+    no view row has a reference yet."""
+    acc = {c: {r["seed"]: 100 * r["test_acc"] for r in rs} for c, rs in cells.items()}
+    rows = []
+    for c in order:
+        reference = Cell(c.budget, c.method, "random", 1)
+        if c.views > 1 and reference in acc and (d := seed_difference(acc[c], acc[reference])) != "–":
+            rows.append(f"| {c.budget} | {c.views} {'matched' if c.matched else 'fresh'} | {d} |")
+    if not rows:
+        return ""
+    return ("\nView rows against one view per sample (the same calls, random samples, bought up front), paired by "
+            "seed:\n\n| budget | views | minus 1 view |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def report(out: Path, readme: bool = False) -> str:

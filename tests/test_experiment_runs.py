@@ -339,3 +339,18 @@ def test_retrained_rows_are_paired_by_seed_with_the_up_front_draws():
         "| 2000 | kd | class_balanced | 4 in first 20%, retrained | – | +0.00 (-1.0, +1.0; ahead on 1 of 2) | – |",
         "| 2000 | kd | margin | 4 in first 20%, retrained | +0.50 (+1.5, -0.5; ahead on 1 of 2) "
         "| +0.50 (+0.5, +0.5; ahead on 2 of 2) | +6.00 (+6.0; ahead on 1 of 1) |"]
+
+
+def test_view_rows_are_paired_by_seed_with_one_view_per_sample():
+    def run(seed, acc, views=1, matched=False):
+        selection = {"selection": "random", "rounds": 1, "views_per_sample": views, "matched_views": matched}
+        return {"budget": 2000, "method": "kd", "seed": seed, "test_acc": acc / 100, "fit_seconds": 60.0,
+                "rounds_log": [], "selection": selection}
+
+    runs = [run(0, 66.0), run(1, 65.0), run(0, 58.0, views=2), run(1, 59.5, views=2), run(2, 57.0, views=2),
+            run(2, 45.0, views=2, matched=True)]
+    lines = select_budget.table(runs)[0].splitlines()
+    assert "| budget | views | minus 1 view |" in lines
+    assert "| 2000 | 2 fresh | -6.75 (-8.0, -5.5; ahead on 0 of 2) |" in lines  # seed 2 has no reference
+    assert not [line for line in lines if line.startswith("| 2000 | 2 matched | ")]  # no shared seed: no row
+    assert "minus 1 view" not in select_budget.table(runs[2:])[0]  # no reference at all: no block
