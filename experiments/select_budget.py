@@ -195,8 +195,7 @@ def paired(cells: dict[Cell, list[dict]], order: list[Cell]) -> str:
 
 def views_paired(cells: dict[Cell, list[dict]], order: list[Cell]) -> str:
     """Markdown: each view row (V > 1) minus its V = 1 reference (random, one round, the same budget), paired by
-    seed (a seed fixes the random draw and the student's initialisation); "" when
-    no view row has a reference yet."""
+    seed (a seed fixes the random draw and the student's initialisation); "" when no view row has a reference yet."""
     acc = {c: {r["seed"]: 100 * r["test_acc"] for r in rs} for c, rs in cells.items()}
     rows = []
     for c in order:
