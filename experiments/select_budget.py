@@ -96,10 +96,19 @@ class Cell(NamedTuple):
 
 def run_cell(cell: Cell, seed: int, cfg: dict, out: Path, cache_root: Path, threads: int) -> dict | None:
     """Train one cell's seed with :func:`run_one`. A retrain whose chooser has no result yet is skipped (None; the
-    next command runs it), so that a lane running beside the chooser's never trains on a purchase still being made."""
-    if cell.retrain and not (out / "runs" / f"{cell.chooser().name(seed)}.json").exists():
-        print(f"[{cell.name(seed)}] its chooser {cell.chooser().name(seed)} has not finished; skipped here", flush=True)
-        return None
+    next command runs it), so that a lane running beside the chooser's never trains on a purchase still being made;
+    so is one whose chooser's cache is not on this machine (the chooser ran elsewhere: rerun it here to retrain)."""
+    if cell.retrain:
+        chooser = cell.chooser().name(seed)
+        result = out / "runs" / f"{chooser}.json"
+        if not result.exists():
+            print(f"[{cell.name(seed)}] its chooser {chooser} has not finished; skipped here", flush=True)
+            return None
+        if not (cache_root / chooser).is_dir():
+            print(f"[{cell.name(seed)}] its chooser {chooser} ran, but its cache {cache_root / chooser} is not on this "
+                  f"machine; skipped here (remove {result} and rerun, with --retrain, to buy again and retrain)",
+                  flush=True)
+            return None
     return run_one(cell.budget, cell.method, seed, cfg, out, cache_root, threads, **cell.run_args(seed, cache_root))
 
 

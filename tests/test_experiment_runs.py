@@ -6,6 +6,7 @@ views) run and are tabled with their calls-to-match."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -230,6 +231,9 @@ def test_a_retrain_trains_a_new_student_on_what_its_chooser_bought_with_no_teach
     text, csv = select_budget.table([first, r])
     assert "| 64 | kd | random | 1, retrained | 1 |" in text
     assert csv.splitlines()[2].startswith("64,kd,random,1,1,True,1,False,")
+    # a chooser that ran on another machine left no cache here: its retrain is skipped, not trained on nothing
+    shutil.rmtree(tmp / "select-cache" / chooser.name(0))
+    assert select_budget.run_cell(retrain, 0, cfg, tmp / "select", tmp / "select-cache", 1) is None
 
 
 def test_a_view_cell_runs_and_selection_cells_are_tabled_with_calls_to_match(runs):
