@@ -25,7 +25,7 @@ def _dir_bytes(directory: Path) -> int:
 
 def _mem_available() -> float | None:
     try:
-        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable"))
+        line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable"))
         return int(line.split()[1]) * 1024 / GB
     except (OSError, StopIteration):
         return None
