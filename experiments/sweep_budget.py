@@ -46,8 +46,8 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the method registry beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from methods import FEATURE_TEACHER, GRID, LOGITS_TEACHER, METHODS, TEACHER_FEATURES  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
+from methods import FEATURE_TEACHER, GRID, LOGITS_TEACHER, METHODS, TEACHER_FEATURES  # noqa: E402
 from sweep_report import report  # noqa: E402
 
 PROTOCOLS = {
@@ -140,9 +140,8 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
 
     torch.set_num_threads(threads)
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     import numpy as np
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     class ValCurve(L.Callback):
         """Validation accuracy after every epoch (in order), and a progress line every tenth of the run (the

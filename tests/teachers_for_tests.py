@@ -167,8 +167,8 @@ def _ddp_features(out_dir: str, cache_dir: str, budget: str) -> None:
     differently; write what each rank paid for, what the cache holds (logits and features) and a digest of the
     trained student + feature head."""
     import lightning as L
-
     from features_for_tests import CountingNet, feature_datamodule
+
     from lightning_kd.modules import ComparativeDistillation
 
     torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # DDP must broadcast rank 0's student and head

@@ -34,8 +34,8 @@ from lightning_kd.data.plan import (
     budget_in_checkpoint,
     open_cache,
 )
-from lightning_kd.data.rounds import RoundSchedule, RoundsMixin, plan_key
 from lightning_kd.data.purchase import PurchaseMixin
+from lightning_kd.data.rounds import RoundSchedule, RoundsMixin, plan_key
 from lightning_kd.data.selection import select_samples
 from lightning_kd.data.serving import CachedOutputs, CachedTuples
 from lightning_kd.data.teacher_side import TeacherSideMixin

@@ -1,8 +1,8 @@
 """Distillation losses and mixing functions: pure functions of tensors (they depend only on torch)."""
 
 from lightning_kd.losses.comparative import (
-    compare_sides,
     comparative_kd_loss,
+    compare_sides,
     in_batch_comparative_loss,
     tuple_comparative_loss,
 )
