@@ -4,6 +4,7 @@ plot, rebuilt from whatever runs ``experiments/sweep_budget.py`` has stored."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,9 @@ def table(runs: list[dict], methods: list[str] | None = None, budgets: list[int]
             spans.append(f"{m} {min(b for b, _ in best)}–{max(b for b, _ in best)} of {max(e for _, e in best)}")
     if spans:
         text += f"Best-validation epochs (min–max over runs): {', '.join(spans)}.\n"
+    cpus = Counter(r["machine"].get("cpu_model", "?") for r in used if _cpu_only(r) and "machine" in r)
+    if cpus:  # a machine moves a run by up to ~2 points: say which CPUs this table's runs had
+        text += "CPUs: " + ", ".join(f"{m} ({n} runs)" for m, n in cpus.most_common()) + ".\n"
     return text, "\n".join(csv) + "\n"
 
 

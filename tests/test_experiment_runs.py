@@ -177,6 +177,17 @@ def test_the_sweep_table_keeps_the_methods_and_budgets_asked_for():
     assert "| ce |" not in text and "| dist |" not in text and "2 runs" in text
     assert csv.splitlines()[1] == "kd,2000,61.000,1.000,2,600.0,1"
     assert "Best-validation epochs (min–max over runs): kd 12–17 of 20." in text
+    assert "CPUs:" not in text  # these runs did not record their machine
+
+
+def test_the_sweep_table_says_which_cpus_its_runs_had():
+    def run(seed, cpu, devices=None):
+        return {"method": "kd", "budget": 2000, "seed": seed, "test_acc": 0.6, "fit_seconds": 600.0,
+                "machine": {"cpu_model": cpu}, "devices": devices or [{"device": "cpu", "from_epoch": 1}]}
+
+    runs = [run(0, "Xeon"), run(1, "EPYC"), run(2, "Xeon"), run(3, "EPYC", [{"device": "cuda:0", "from_epoch": 1}])]
+    text, _ = sweep_report.table(runs)
+    assert "CPUs: Xeon (2 runs), EPYC (1 runs).\n" in text  # the GPU run's CPU timed nothing
 
 
 def test_a_cell_with_gpu_epochs_shows_no_cpu_time():
