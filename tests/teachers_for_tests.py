@@ -32,17 +32,29 @@ def teacher_function(x: torch.Tensor) -> torch.Tensor:
 
 class CountingTeacher:
     """Counts every sample it is run on; optionally fails on its ``fail_at``-th call, sleeps, or appends each
-    paid call to ``log`` (fsynced before returning, so a killed process still leaves a true count)."""
+    paid call to ``log`` (fsynced before returning, so a killed process still leaves a true count). Two processes
+    can order their first calls: one creates the file ``mark`` at its first call, the other waits for that file
+    (up to 120 s) before its own first call (``wait_for``)."""
 
     fingerprint = "test-teacher-v1"
 
-    def __init__(self, fail_at: int | None = None, sleep: float = 0.0, log: str | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, sleep: float = 0.0, log: str | None = None,
+                 mark: str | None = None, wait_for: str | None = None) -> None:
         self.fail_at, self.sleep, self.log = fail_at, sleep, log
+        self.mark, self.wait_for = mark, wait_for
         self.calls = 0
         self.invocations = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.invocations += 1
+        if self.invocations == 1 and self.mark:
+            open(self.mark, "w").close()
+        if self.invocations == 1 and self.wait_for:
+            deadline = time.time() + 120
+            while not os.path.exists(self.wait_for):
+                if time.time() > deadline:
+                    raise TimeoutError(f"{self.wait_for} did not appear within 120 s")
+                time.sleep(0.05)
         if self.fail_at == self.invocations:
             from lightning_kd.teachers import TeacherCallError
 
@@ -109,7 +121,12 @@ def _ddp(out_dir: str, cache_dir: str, budget: str, fail_on_rank: str = "") -> N
     from lightning_kd.modules import KnowledgeDistillation
 
     rank = int(os.environ.get("LOCAL_RANK", 0))
-    teacher = CountingTeacher(fail_at=2 if fail_on_rank == str(rank) else None)
+    if fail_on_rank:  # the failing rank's first call fails, and the other rank's first call waits for it: a fast
+        started = os.path.join(out_dir, "failing_rank_called")  # rank could otherwise buy everything alone
+        failing = fail_on_rank == str(rank)
+        teacher = CountingTeacher(fail_at=1 if failing else None, **{"mark" if failing else "wait_for": started})
+    else:
+        teacher = CountingTeacher()
     dm = make_datamodule(teacher, cache_dir, int(budget), fill_batch_size=50)
     model = KnowledgeDistillation(student="resnet8", lr=0.01)
     trainer = L.Trainer(
