@@ -97,15 +97,26 @@ def make_datamodule(teacher, cache_dir, budget, **kw):
                                    **kw)
 
 
-def _fill(cache_dir: str, log: str, budget: str, batch: str, sleep: str, start_at: str = "0", out: str = "") -> None:
-    """Fill a cache; with ``start_at`` (a time.time() value) wait for that instant first; write a result JSON."""
+def _fill(cache_dir: str, log: str, budget: str, batch: str, sleep: str, gate: str = "", out: str = "",
+          offset: str = "0") -> None:
+    """Fill a cache and write a result JSON. With a ``gate`` folder: once loaded, say so (``ready-<pid>``), wait
+    for the file ``go`` (the start instant, written when every process is ready) and start ``offset`` s after it."""
     import warnings
+    from pathlib import Path
 
     teacher = CountingTeacher(sleep=float(sleep), log=log)
     dm = make_datamodule(teacher, cache_dir, int(budget), fill_batch_size=int(batch))
     dm.setup("fit")  # load the data before the start line, so that processes really start together
-    while time.time() < float(start_at):
-        time.sleep(0.001)
+    if gate:
+        (Path(gate) / f"ready-{os.getpid()}").touch()
+        deadline = time.time() + 300
+        while not (Path(gate) / "go").exists():
+            if time.time() > deadline:
+                raise TimeoutError(f"no start signal in {gate} within 300 s")
+            time.sleep(0.005)
+        start_at = float((Path(gate) / "go").read_text()) + float(offset)
+        while time.time() < start_at:
+            time.sleep(0.001)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dm.fill()

@@ -23,15 +23,25 @@ BUDGET, BATCH, SLEEP = 300, 20, 0.05
 
 
 def start_fills(tmp_path, n: int, stagger: float = 0.0) -> list[tuple[subprocess.Popen, Path, Path]]:
-    """``n`` fill processes on one cache, released together ``stagger`` seconds apart once all have loaded."""
-    start_at = time.time() + 10  # every process has imported torch and loaded CIFAR-10 by then
+    """``n`` fill processes on one cache, released together ``stagger`` seconds apart once all have loaded (a gate,
+    not a fixed instant: on a loaded machine one process can take far longer than another to import and load)."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
     runs = []
     for i in range(n):
         log, out = tmp_path / f"calls{i}.log", tmp_path / f"result{i}.json"
-        args = [tmp_path / "cache", log, BUDGET, BATCH, SLEEP, start_at + i * stagger, out]
+        args = [tmp_path / "cache", log, BUDGET, BATCH, SLEEP, gate, out, i * stagger]
         proc = subprocess.Popen([sys.executable, str(HELPER), "fill", *map(str, args)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         runs.append((proc, log, out))
+    deadline = time.time() + 300
+    while len(list(gate.glob("ready-*"))) < n:
+        for proc, _, _ in runs:
+            assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the fill processes did not load within 300 s"
+        time.sleep(0.01)
+    (gate / "go.tmp").write_text(repr(time.time() + 0.2))
+    (gate / "go.tmp").rename(gate / "go")  # atomic: a process reads the whole instant or nothing
     return runs
 
 
