@@ -111,11 +111,12 @@ def paired(runs: list[dict], reference: str = "ckd", methods: list[str] | None =
 
 def contrasts(runs: list[dict], pairs: tuple[tuple[str, str], ...], budget: int) -> str:
     """Markdown: each pair's ``a`` minus ``b`` at ``budget``, paired by seed (as :func:`paired`); a pair with no
-    shared seed yet is left out."""
+    shared seed yet is left out (and a line says so when none has one)."""
     rows = [(a, b, seed_difference(_by_seed(runs, a, budget), _by_seed(runs, b, budget))) for a, b in pairs]
-    lines = [f"| a minus b, budget {budget} | difference |", "|---|---|"]
-    lines += [f"| {a} minus {b} | {cell} |" for a, b, cell in rows if cell != "–"]
-    return "\n".join(lines) + "\n"
+    rows = [f"| {a} minus {b} | {cell} |" for a, b, cell in rows if cell != "–"]
+    if not rows:
+        return "No pair has finished yet.\n"
+    return "\n".join([f"| a minus b, budget {budget} | difference |", "|---|---|", *rows]) + "\n"
 
 
 # The README's result blocks (``--readme``) of each results folder (``--out``'s name): block name -> its text from

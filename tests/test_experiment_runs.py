@@ -320,6 +320,7 @@ def test_evidence_contrasts_pair_by_seed_and_leave_out_pairs_with_no_shared_seed
     rows = sweep_report.contrasts(runs, (("ckd_hint", "hint"), ("crd", "kd"), ("gpd_ckd", "gpd")), 2000).splitlines()
     assert rows == ["| a minus b, budget 2000 | difference |", "|---|---|",
                     "| ckd_hint minus hint | +0.25 (+1.0, -0.5; ahead on 1 of 2) |"]
+    assert sweep_report.contrasts(runs, (("crd", "kd"),), 2000) == "No pair has finished yet.\n"
 
 
 def test_each_results_folder_fills_only_its_own_readme_blocks_and_every_block_exists():
