@@ -30,6 +30,15 @@ def teacher_function(x: torch.Tensor) -> torch.Tensor:
     return (F.adaptive_avg_pool2d(x.double(), 2).flatten(1) @ _W.double() * 4).float()
 
 
+def wait_for_file(path, seconds: float) -> None:
+    """Block until ``path`` exists; a TimeoutError naming it after ``seconds``."""
+    deadline = time.time() + seconds
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear within {seconds} s")
+        time.sleep(0.005)
+
+
 class CountingTeacher:
     """Counts every sample it is run on; optionally fails on its ``fail_at``-th call, sleeps, or appends each
     paid call to ``log`` (fsynced before returning, so a killed process still leaves a true count). Two processes
@@ -50,11 +59,7 @@ class CountingTeacher:
         if self.invocations == 1 and self.mark:
             open(self.mark, "w").close()
         if self.invocations == 1 and self.wait_for:
-            deadline = time.time() + 120
-            while not os.path.exists(self.wait_for):
-                if time.time() > deadline:
-                    raise TimeoutError(f"{self.wait_for} did not appear within 120 s")
-                time.sleep(0.05)
+            wait_for_file(self.wait_for, 120)
         if self.fail_at == self.invocations:
             from lightning_kd.teachers import TeacherCallError
 
@@ -109,11 +114,7 @@ def _fill(cache_dir: str, log: str, budget: str, batch: str, sleep: str, gate: s
     dm.setup("fit")  # load the data before the start line, so that processes really start together
     if gate:
         (Path(gate) / f"ready-{os.getpid()}").touch()
-        deadline = time.time() + 300
-        while not (Path(gate) / "go").exists():
-            if time.time() > deadline:
-                raise TimeoutError(f"no start signal in {gate} within 300 s")
-            time.sleep(0.005)
+        wait_for_file(Path(gate) / "go", 300)
         start_at = float((Path(gate) / "go").read_text()) + float(offset)
         while time.time() < start_at:
             time.sleep(0.001)
