@@ -6,7 +6,8 @@ are resumable: each finished run is stored as ``<out>/runs/<budget>-<method>-<se
 (one stored under another protocol is refused), and a run cut off mid-way resumes from its last finished epoch
 (``<out>/ckpt/<name>/last.ckpt``), so the grid can be spread over sessions. The table (markdown + CSV) and the
 plot are rebuilt from whatever runs exist; ``--readme`` writes the tables into README.md too. Sweeps may overlap
-(two lanes, or the same command started twice): each run is claimed by a lock, so it is trained once.
+(two lanes, or the same command started twice): each run is claimed by a lock, so it is trained once. A sweep
+stopped by ``kill`` (or ``kill -9``) stops its runs in flight too; each resumes from its checkpoint next time.
 
     python experiments/sweep_budget.py                      # the CPU grid, 300 epochs (2 workers x 1 thread):
                                                             # ~13 / 27 min per KD / CKD run on one core at budget
@@ -180,6 +181,20 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
             self.acc, self.seconds, self.start = list(state["acc"]), state["seconds"], time.perf_counter()
             self.devices = list(state.get("devices", []))
 
+    class StopWithSweep(L.Callback):
+        """A worker whose sweep died (``kill -9``: no SIGTERM handler runs) exits after its current batch, keeping
+        its ``last.ckpt`` and storing no JSON, instead of training on (and on to the runs queued for it) beside the
+        next sweep. It exits at once (``os._exit``; the kernel drops its lease): a pool worker that merely raised
+        would wait forever for its next task, since it holds both ends of its task queue. The parent's sentinel
+        pipe closes when the parent dies; the main process (no pool) has no parent to watch."""
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            parent = multiprocessing.parent_process()
+            if parent is not None and not parent.is_alive():
+                print(f"[{name}] stopped: its sweep (pid {parent.pid}) has died; the run resumes from its last "
+                      "finished epoch next time", file=sys.stderr, flush=True)
+                os._exit(1)
+
     L.seed_everything(seed, workers=True, verbose=False)
     spec = METHODS[method]
     model = spec.build(student=cfg["student"], lr=cfg["lr"], scheduler=cfg["scheduler"],
@@ -195,7 +210,7 @@ def _train(budget: int, method: str, seed: int, cfg: dict, out: Path, cache_root
     last = out / "ckpt" / name / "last.ckpt"
     resume, resumed_at = _resume_point(last)
     curve = ValCurve()
-    trainer = _trainer(cfg["epochs"], [ckpt, every_epoch, curve], cfg.get("accelerator", "cpu"))
+    trainer = _trainer(cfg["epochs"], [ckpt, every_epoch, curve, StopWithSweep()], cfg.get("accelerator", "cpu"))
     trainer.fit(model, dm, ckpt_path=resume)
     # The curve as fitted: testing at the best checkpoint restores every callback's state from it, which would cut
     # the curve (and the devices) back to the best epoch.

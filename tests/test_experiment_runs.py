@@ -107,6 +107,57 @@ sweep_budget.run_one(64, "kd", 0, {cfg!r}, sweep_budget.Path({str(out)!r}), swee
     assert not last.parent.exists() and (out / "runs" / "64-kd-0.json").exists()  # checkpoints gone once stored
 
 
+def test_a_worker_stops_when_its_sweep_is_killed_and_its_run_resumes_later(runs, tmp_path):
+    """``kill -9`` of a sweep runs no handler: its worker notices the dead parent and exits after its batch (no JSON,
+    its lease free, its ``last.ckpt`` kept) instead of training on beside the next sweep."""
+    import os
+    import subprocess
+
+    tmp, _ = runs
+    cfg = dict(sweep_budget.PROTOCOLS["cpu"], epochs=1000, accelerator="cpu", protocol="cpu")
+    out, cache = tmp / "orphan", tmp / "cache"
+    last = out / "ckpt" / "64-kd-0" / "last.ckpt"
+    sweep = tmp_path / "sweep.py"  # a sweep's parent: one spawned worker, killed once the run has a checkpoint
+    sweep.write_text(f"""
+import os, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+sys.path.insert(0, {str(Path(sweep_budget.__file__).parent)!r})
+import sweep_budget
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+    pool.submit(sweep_budget.run_one, 64, "kd", 0, {cfg!r}, Path({str(out)!r}), Path({str(cache)!r}), 1)
+    while not Path({str(last)!r}).exists():
+        time.sleep(0.2)
+    print("WORKER", *pool._processes, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+    log = tmp_path / "sweep.log"  # a file, not a pipe: the worker inherits it and need not exit for us to read it
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, str(sweep)], stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    assert proc.returncode == -9, log.read_text()[-3000:]
+    (worker,) = [int(pid) for pid in log.read_text().split("WORKER", 1)[1].split()[:1]]
+
+    def running(pid: int) -> bool:  # an exited worker reparented to a PID 1 that does not reap it is a zombie
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 120
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = running(worker)
+    if alive:
+        os.kill(worker, 9)
+    assert not alive, "the worker went on training after its sweep was killed"
+    assert last.exists() and not (out / "runs" / "64-kd-0.json").exists()
+    from lightning_kd.cache.lock import WriterLease
+
+    WriterLease(out / "ckpt", "64-kd-0").release()  # free: the next sweep can claim the run and resume it
+
+
 def test_a_run_stores_its_whole_curve_when_the_best_epoch_is_not_the_last(runs, monkeypatch):
     """Testing at the best checkpoint restores the callbacks' state from it; the stored curve must not shrink to it."""
     from lightning.pytorch.callbacks import ModelCheckpoint
