@@ -11,9 +11,10 @@ exactly what the sweep built before this registry, so their stored runs stay com
   KL: the arXiv release), ckd_average and ckd_mixup (CKD's combine ablations, pairs, MSE).
 * Feature methods (the features cache: the same teacher as a module, its stage outputs recorded in the same
   call): the white-box baselines hint (FitNet), vid, cc (CE + KD + the feature loss) and their CKD forms
-  ckd_hint, ckd_vid, ckd_cc (the feature loss on the side differences of pairs); hint_teacher_view and
-  ckd_hint_teacher_view take the student's feature from the teacher's own view (``feature_view="teacher"``, the
-  logit terms still on the fresh augmentation) instead of the fresh augmentation, whose crop the teacher never saw.
+  ckd_hint, ckd_vid, ckd_cc (the feature loss on the side differences of pairs); hint_teacher_view,
+  ckd_hint_teacher_view, vid_teacher_view and cc_teacher_view take the student's feature from the teacher's own view
+  (``feature_view="teacher"``, the logit terms still on the fresh augmentation) instead of the fresh augmentation,
+  whose crop the teacher never saw.
 * GPD (:class:`GapPreservingDistillation`, ratio 2, defaults): gpd (KD terms), gpd_ckd (CKD terms on pairs) and
   gpd_scratch (``kd_weight=0``: CE + SCE only, on the same budget's samples; the static teacher's outputs are
   never read).
@@ -97,6 +98,8 @@ METHODS: dict[str, Method] = {
     **{f"ckd_{m}": _ckd_features(m) for m in ("hint", "vid", "cc")},
     "hint_teacher_view": _white_box("hint", "teacher"),
     "ckd_hint_teacher_view": _ckd_features("hint", "teacher"),
+    "vid_teacher_view": _white_box("vid", "teacher"),
+    "cc_teacher_view": _white_box("cc", "teacher"),
     "gpd": Method("GapPreservingDistillation", {"distill": "kd"}),
     "gpd_ckd": Method("GapPreservingDistillation", {"distill": "ckd"}, 2),
     "gpd_scratch": Method("GapPreservingDistillation", {"distill": "kd", "kd_weight": 0.0}),

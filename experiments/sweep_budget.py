@@ -16,20 +16,20 @@ stopped by ``kill`` (or ``kill -9``) stops its runs in flight too; each resumes 
     python experiments/sweep_budget.py --protocol full      # the official protocol, for GPUs
     python experiments/sweep_budget.py --report-only        # rebuild table and plot (--readme: README too)
 
-Methods (the registry ``experiments/methods.py``: module, arguments, group size, features). The default grid:
-ce (no teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), ckd (:class:`ComparativeDistillation`,
-pairs, MSE: the WACV release) and ckd_kl3 (groups of 3, KL: the arXiv release). On request (``--methods``): crd (CE +
-KD + 0.8·CRD on logits, the official CKD baseline); ckd_average, ckd_mixup (CKD's combine ablations); the white-box
-baselines hint, vid, cc and feature CKD ckd_hint, ckd_vid, ckd_cc (hint_teacher_view, ckd_hint_teacher_view: the
-student's feature from the teacher's own view instead of its fresh augmentation); gpd, gpd_ckd (GPD with KD / CKD
-terms) and gpd_scratch (GPD without a teacher signal, on the same samples). Each run also stores its validation-accuracy
-curve and best epoch (the convergence evidence); GPD runs also the dynamic teacher's test accuracy at the same
-checkpoint (``dt_test_acc``; ``test_acc`` is the student's, i.e. the extracted student's). All use the same
-selected samples and one fixed teacher view each, and the same optimizer steps: an epoch is budget // 64 batches
-of 64 samples or of 64 CKD tuples (31 at budget 2,000; the convergence probe's CKD runs predate this and took 32).
-Logit methods read the seed's logits cache (``seed<s>``: the ``.pt2`` teacher); feature methods read a features
-cache (``seed<s>-features``: the same teacher's weights as a module, with its four stage outputs recorded once for
-all of them). The plot shows the default grid's methods only.
+Methods (the registry ``experiments/methods.py``: module, arguments, group size, features). The default grid: ce (no
+teacher), kd, mixup, cutmix, rkd, dist (:class:`KnowledgeDistillation`), ckd (:class:`ComparativeDistillation`,
+pairs, MSE: the WACV release) and ckd_kl3 (groups of 3, KL: the arXiv release). On request (``--methods``): crd (CE
++ KD + 0.8·CRD on logits, the official CKD baseline); ckd_average, ckd_mixup (CKD's combine ablations); the
+white-box baselines hint, vid, cc and feature CKD ckd_hint, ckd_vid, ckd_cc (hint_teacher_view,
+ckd_hint_teacher_view, vid_teacher_view, cc_teacher_view: the student's feature from the teacher's own view instead
+of its fresh augmentation); gpd, gpd_ckd (GPD with KD / CKD terms) and gpd_scratch (GPD without a teacher signal, on
+the same samples). Each run also stores its validation-accuracy curve and best epoch (the convergence evidence); GPD
+runs also the dynamic teacher's test accuracy at the same checkpoint (``dt_test_acc``; ``test_acc`` is the
+student's, i.e. the extracted student's). All use the same selected samples and one fixed teacher view each, and the
+same optimizer steps: an epoch is budget // 64 batches of 64 samples or of 64 CKD tuples (31 at budget 2,000; the
+convergence probe's CKD runs predate this and took 32). Logit methods read the seed's logits cache (``seed<s>``: the
+``.pt2`` teacher); feature methods read a features cache (``seed<s>-features``: the same teacher's weights as a
+module, with its four stage outputs recorded once for all of them). The plot shows the default grid's methods only.
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ from readme import fill
 # feature loss's CKD form against its white-box baseline, the teacher's view against a fresh crop, CRD against the KD
 # it adds to, CKD inside GPD against GPD-KD and against CKD), and CKD's combine ablations in the budget sweep.
 EVIDENCE = ("kd", "ckd", "crd", "hint", "ckd_hint", "hint_teacher_view", "ckd_hint_teacher_view", "vid", "ckd_vid",
-            "cc", "ckd_cc", "gpd", "gpd_ckd")
+            "vid_teacher_view", "cc", "ckd_cc", "cc_teacher_view", "gpd", "gpd_ckd")
 EVIDENCE_CONTRASTS = (("ckd_hint", "hint"), ("ckd_vid", "vid"), ("ckd_cc", "cc"),
                       ("ckd_hint_teacher_view", "hint_teacher_view"), ("hint_teacher_view", "hint"),
+                      ("vid_teacher_view", "vid"), ("cc_teacher_view", "cc"),
                       ("ckd_hint_teacher_view", "ckd_hint"), ("ckd_hint", "ckd"), ("crd", "kd"), ("gpd_ckd", "gpd"),
                       ("gpd_ckd", "ckd"))
 ABLATIONS = ("ce", "kd", "ckd", "ckd_average", "ckd_mixup", "gpd", "gpd_scratch")

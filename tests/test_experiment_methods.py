@@ -61,16 +61,18 @@ def test_every_method_builds_with_consistent_batches_and_features(name, teacher_
         assert model.hparams.kd_weight == 1.0 and model.hparams.ratio == 2.0
 
 
+TEACHER_VIEW = {"hint_teacher_view", "ckd_hint_teacher_view", "vid_teacher_view", "cc_teacher_view"}
+
+
 def test_the_new_methods_are_registered():
     new = {"ckd_average", "ckd_mixup", "ckd_hint", "ckd_vid", "ckd_cc", "hint", "vid", "cc", "gpd", "gpd_ckd",
-           "gpd_scratch", "hint_teacher_view", "ckd_hint_teacher_view"}
+           "gpd_scratch", *TEACHER_VIEW}
     assert set(M.METHODS) == set(BEFORE) | new
     assert {m for m, s in M.METHODS.items() if s.needs_features} == {"hint", "vid", "cc", "ckd_hint", "ckd_vid",
-                                                                      "ckd_cc", "hint_teacher_view",
-                                                                      "ckd_hint_teacher_view"}
-    # only the teacher-view pair asks for the teacher's view; each is its student-view twin with feature_view set
-    assert {m for m, s in M.METHODS.items() if s.serve_teacher_view} == {"hint_teacher_view", "ckd_hint_teacher_view"}
-    for name in ("hint", "ckd_hint"):
+                                                                      "ckd_cc", *TEACHER_VIEW}
+    # only the teacher-view methods ask for the teacher's view; each is its student-view twin with feature_view set
+    assert {m for m, s in M.METHODS.items() if s.serve_teacher_view} == TEACHER_VIEW
+    for name in ("hint", "ckd_hint", "vid", "cc"):
         twin = M.METHODS[f"{name}_teacher_view"]
         assert twin.kwargs == {**M.METHODS[name].kwargs, "feature_view": "teacher"}
         assert twin.build(**COMMON).hparams.feature_view == "teacher"
