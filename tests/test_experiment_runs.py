@@ -107,7 +107,7 @@ sweep_budget.run_one(64, "kd", 0, {cfg!r}, sweep_budget.Path({str(out)!r}), swee
     assert not last.parent.exists() and (out / "runs" / "64-kd-0.json").exists()  # checkpoints gone once stored
 
 
-def test_a_worker_stops_when_its_sweep_is_killed_and_its_run_resumes_later(runs, tmp_path):
+def test_a_worker_exits_when_its_sweep_is_killed_keeping_its_checkpoint_and_freeing_its_lease(runs, tmp_path):
     """``kill -9`` of a sweep runs no handler: its worker notices the dead parent and exits after its batch (no JSON,
     its lease free, its ``last.ckpt`` kept) instead of training on beside the next sweep."""
     import os
@@ -137,7 +137,7 @@ if __name__ == "__main__":
     with log.open("w") as f:
         proc = subprocess.run([sys.executable, str(sweep)], stdout=f, stderr=subprocess.STDOUT, timeout=600)
     assert proc.returncode == -9, log.read_text()[-3000:]
-    (worker,) = [int(pid) for pid in log.read_text().split("WORKER", 1)[1].split()[:1]]
+    worker = int(log.read_text().split("WORKER", 1)[1].split()[0])
 
     def running(pid: int) -> bool:  # an exited worker reparented to a PID 1 that does not reap it is a zombie
         try:
